@@ -1,0 +1,109 @@
+"""Logging: the only place structlog is configured.
+
+One event is one line: colourful key=value output when writing to a TTY,
+JSON lines otherwise (or as ``--log-format`` says). Exceptions are rendered
+as structured data, never as multi-line tracebacks. A detached daemon logs to
+a :class:`LogFile`, which SIGHUP reopens so logrotate can move it away.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+from echod.errors import StartupError
+
+Logger = structlog.typing.FilteringBoundLogger
+
+
+class LogFile:
+    """An append-only text file that can be reopened at the same path."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._file = self._open()
+
+    def _open(self) -> TextIO:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return open(self.path, "a", encoding="utf-8", buffering=1)
+        except OSError as err:
+            raise StartupError(
+                f"cannot open log file {self.path}: {err.strerror or err}"
+            ) from None
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            return self._file.write(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._file.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def reopen(self) -> None:
+        """Open the path anew (after logrotate moved the file) and close the old one."""
+        new = self._open()
+        with self._lock:
+            old, self._file = self._file, new
+        old.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+def _wants_console(fmt: str, stream: Any) -> bool:
+    if fmt == "auto":
+        isatty = getattr(stream, "isatty", None)
+        return bool(isatty and isatty())
+    return fmt == "console"
+
+
+def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
+    """Route every echod event to ``stream`` (default stderr) as ``fmt`` says."""
+    stream = sys.stderr if stream is None else stream
+    console = _wants_console(fmt, stream)
+    renderer: structlog.typing.Processor
+    if console:
+        colors = bool(getattr(stream, "isatty", lambda: False)()) and "NO_COLOR" not in os.environ
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=colors, exception_formatter=structlog.dev.plain_traceback
+        )
+        stamp = structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False)
+    else:
+        renderer = structlog.processors.JSONRenderer()
+        stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    processors: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        stamp,
+    ]
+    if not console:
+        processors.append(structlog.processors.dict_tracebacks)
+    processors.append(renderer)
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(**initial: Any) -> Logger:
+    logger: Logger = structlog.get_logger(**initial)
+    return logger

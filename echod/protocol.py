@@ -1,0 +1,188 @@
+"""The echod line protocol, sans I/O: bytes in, events out.
+
+This module knows the wire format and nothing else: no sockets, threads,
+clocks or logging. The server feeds it whatever ``recv`` returned and acts on
+the events it gets back, so every case can be tested by feeding bytes whole
+and byte by byte (see ``tests/unit/test_protocol.py``). docs/protocol.md is
+the reference for users; this docstring is the one for the code.
+
+Rules:
+
+- A line ends in LF; CRLF is accepted. Bytes are never decoded.
+- Each complete line is echoed byte-exact, line ending included. All complete
+  lines a single ``feed`` brings are coalesced into one :class:`Echo`, so the
+  server answers a pipelined burst with one send.
+- A line may carry at most ``max_line`` bytes before its line ending. The
+  limit is enforced on unfinished data too: the buffer never holds more than
+  ``max_line`` bytes plus a pending CR, whatever the peer sends.
+- A line whose content, stripped of ASCII whitespace, is ``exit`` in any case
+  is not echoed; it ends the session with :data:`BYE`.
+- At end of input, bytes after the last LF are treated as a final line.
+
+After a terminal event (:class:`Exit`, :class:`LineTooLong`,
+:class:`EndOfInput`) the protocol is finished and must not be fed again.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DEFAULT_MAX_LINE = 1024
+
+BYE = b"bye\n"
+SHUTDOWN_NOTICE = b"Server shutting down\n"
+
+# A cheap C-level pre-check: only when this matches anywhere in a chunk do we
+# look at lines one by one for the exit word. \s in a bytes pattern is ASCII
+# whitespace, the same set bytes.strip() removes; [^\S\n] excludes the LF
+# that delimits lines.
+_EXIT_CANDIDATE = re.compile(rb"(?im)^[^\S\n]*exit[^\S\n]*$")
+
+
+def error_line(reason: str) -> bytes:
+    """The one line a client gets before the server closes on an error."""
+    return b"ERR " + reason.encode("ascii", "replace") + b"\n"
+
+
+def line_too_long(max_line: int) -> bytes:
+    return error_line(f"line too long (max {max_line} bytes)")
+
+
+def server_says(text: bytes) -> bytes:
+    """An operator message as the client sees it."""
+    return b"Server says: " + text + b"\n"
+
+
+def is_exit(line: bytes) -> bool:
+    """True for a line (with or without its ending) that means ``exit``."""
+    return line.strip().lower() == b"exit"
+
+
+@dataclass(frozen=True, slots=True)
+class Echo:
+    """Complete lines to send back as they are; ``lines`` counts them."""
+
+    data: bytes
+    lines: int
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """The peer asked to leave: reply :data:`BYE` and close."""
+
+    reply: bytes = BYE
+
+
+@dataclass(frozen=True, slots=True)
+class LineTooLong:
+    """A line exceeded the limit: send ``reply`` and close."""
+
+    reply: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfInput:
+    """The peer closed its sending side and everything was answered."""
+
+
+Event = Echo | Exit | LineTooLong | EndOfInput
+
+
+class LineProtocol:
+    """The state of one connection's input: at most one unfinished line."""
+
+    __slots__ = ("_buf", "_finished", "max_line")
+
+    def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
+        if max_line < 1:
+            raise ValueError("max_line must be at least 1")
+        self.max_line = max_line
+        self._buf = b""
+        self._finished = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an unfinished line held back (never above max_line + 1)."""
+        return len(self._buf)
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Take bytes from the peer; return what to do about them, in order."""
+        if self._finished:
+            raise RuntimeError("feed() after the protocol finished")
+        buf = self._buf + data if self._buf else data
+        last_nl = buf.rfind(b"\n")
+        if last_nl < 0:
+            return self._hold(buf, [])
+        complete_end = last_nl + 1
+        tail = buf[complete_end:]
+        limit = self.max_line
+        check_exit = _EXIT_CANDIDATE.search(buf, 0, complete_end) is not None
+        # Fast path: no exit word, and too short for any line to break the
+        # limit; then the whole burst is echoed in one piece.
+        if not check_exit and complete_end <= limit + 1:
+            lines = buf.count(b"\n", 0, complete_end)
+            return self._hold(tail, [Echo(buf[:complete_end], lines)])
+        events: list[Event] = []
+        start = 0
+        echo_start = 0
+        lines = 0
+        find = buf.find
+        while start < complete_end:
+            nl = find(b"\n", start)
+            content_end = nl - 1 if nl > start and buf[nl - 1] == 0x0D else nl
+            if content_end - start > limit:
+                too_long = LineTooLong(line_too_long(limit))
+                return self._finish(events, echo_start, start, lines, buf, too_long)
+            if check_exit and is_exit(buf[start:nl]):
+                return self._finish(events, echo_start, start, lines, buf, Exit())
+            lines += 1
+            start = nl + 1
+        if lines:
+            events.append(Echo(buf[echo_start:complete_end], lines))
+        return self._hold(tail, events)
+
+    def end_of_input(self) -> list[Event]:
+        """The peer closed its sending side: answer the unfinished line, then end."""
+        if self._finished:
+            raise RuntimeError("end_of_input() after the protocol finished")
+        self._finished = True
+        tail, self._buf = self._buf, b""
+        if not tail:
+            return [EndOfInput()]
+        if is_exit(tail):
+            return [Exit()]
+        return [Echo(tail, 1), EndOfInput()]
+
+    def _hold(self, tail: bytes, events: list[Event]) -> list[Event]:
+        """Keep an unfinished line, unless it already broke the limit."""
+        limit = self.max_line
+        # limit bytes of content plus a CR whose LF has not arrived yet.
+        if len(tail) > limit + 1 or (len(tail) == limit + 1 and tail[-1] != 0x0D):
+            self._finished = True
+            self._buf = b""
+            events.append(LineTooLong(line_too_long(limit)))
+            return events
+        self._buf = tail
+        return events
+
+    def _finish(
+        self,
+        events: list[Event],
+        echo_start: int,
+        end: int,
+        lines: int,
+        buf: bytes,
+        final: Event,
+    ) -> list[Event]:
+        """Echo the lines before ``end``, then stop with ``final``."""
+        if lines:
+            events.append(Echo(buf[echo_start:end], lines))
+        events.append(final)
+        self._finished = True
+        self._buf = b""
+        return events

@@ -1,0 +1,584 @@
+"""socketserver glue: the listening server, its connections and their handler.
+
+Design
+------
+:class:`EchoServer` is a :class:`socketserver.ThreadingTCPServer`: one thread
+accepts, one thread per client runs :class:`EchoHandler`, which only moves
+bytes between the socket and a :class:`~echod.protocol.LineProtocol`.
+
+Each client is a :class:`Connection`, registered in the
+:class:`~echod.registry.Registry` by the accepting thread *before* its
+handler thread starts, so ``--max-clients`` is exact. Every write to a client
+(echoes, operator pushes, chat relays, error lines) goes through the
+connection's queue of whole lines and its write lock, with non-blocking
+sends: a thread that finds the lock taken leaves its line in the queue for
+the lock holder, so no thread ever blocks on another client, and a client
+only ever sees whole lines. The handler thread alone waits (with a deadline,
+``--send-timeout``) when its client stops reading: that is the back-pressure
+that keeps echod from reading more than it can answer.
+
+Timeouts are not kept on the sockets: the handler's ``recv`` blocks without
+one, which keeps the hot path to one ``recv`` and one ``send`` per burst.
+A single janitor thread looks at every connection a few times a second and
+ends those that are idle, trickling a line, or not reading
+(``--idle-timeout``, ``--line-timeout``, ``--send-timeout``). Any thread ends
+a connection the same way, with :meth:`Connection.end`: queue a last line,
+then ``shutdown()`` the socket, which wakes the handler; only the handler
+closes the socket, so a descriptor is never reused under it.
+
+Extension points: :attr:`EchoServer.RequestHandlerClass`,
+:meth:`EchoHandler.on_lines` (chat relay), :attr:`Registry.on_change`.
+
+Shutdown
+--------
+From any thread but the one running :meth:`serve_forever`, :meth:`EchoServer.stop`:
+
+1. stops the accept loop (``shutdown()``) and closes the listening socket;
+2. sends every client ``Server shutting down`` and shuts its socket down;
+3. joins the handler threads until the deadline;
+4. stops the janitor. Returns whether every handler ended in time.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import socketserver
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from echod import protocol
+from echod.config import Settings
+from echod.errors import StartupError
+from echod.logs import Logger, get_logger
+from echod.registry import Registry
+
+RECV_SIZE = 65536
+MAX_QUEUED = 256  # lines waiting for a client that is not reading; then slow_reader
+LINGER_SECONDS = 1.0  # after the last reply, read and discard input this long at most
+LINGER_BYTES = 256 * 1024
+THREAD_STACK = 256 * 1024  # handlers are shallow; thousands of threads must fit
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+BACKOFF_SECONDS = 0.1  # accept loop pause when out of descriptors or threads
+
+_now = time.monotonic
+
+
+class ConnectionGone(Exception):
+    """The client can no longer be written to; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def format_peer(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(addr) or "unknown"
+
+
+class Connection:
+    """One connected client: its socket, counters and the way to write to it."""
+
+    __slots__ = (
+        "_out",
+        "_wlock",
+        "bytes_in",
+        "bytes_out",
+        "connected_at",
+        "end_reason",
+        "id",
+        "last_active",
+        "line_started",
+        "lines_in",
+        "lines_out",
+        "peer",
+        "send_timeout",
+        "sock",
+        "stalled_since",
+        "started",
+        "thread",
+    )
+
+    def __init__(self, sock: socket.socket, peer: str, cid: int, send_timeout: float) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.id = cid
+        self.send_timeout = send_timeout
+        self.connected_at = time.time()
+        self.started = self.last_active = _now()
+        self.line_started: float | None = None  # first byte of an unfinished line
+        self.stalled_since: float | None = None  # a send could not finish
+        self.end_reason: str | None = None  # set once, by whoever ends the connection
+        self.bytes_in = self.bytes_out = self.lines_in = self.lines_out = 0
+        self.thread: threading.Thread | None = None
+        self._wlock = threading.Lock()
+        self._out: deque[tuple[bytes, int]] = deque()
+
+    # -- writing ---------------------------------------------------------
+
+    def push(self, data: bytes, lines: int = 1) -> bool:
+        """Queue whole lines from any thread and send what the socket takes now.
+
+        Never blocks. Returns False if the client is gone or is being ended;
+        a client whose queue overflows is ended as ``slow_reader``.
+        """
+        if self.end_reason is not None:
+            return False
+        if len(self._out) >= MAX_QUEUED:
+            self.end(None, "slow_reader")
+            return False
+        self._out.append((data, lines))
+        self.flush()
+        return True
+
+    def send(self, data: bytes, lines: int) -> None:
+        """Send from the handler thread, waiting while the client cannot take it.
+
+        Raises :class:`ConnectionGone` when the client is gone, being ended,
+        or did not take its bytes within ``send_timeout``.
+        """
+        self._out.append((data, lines))
+        self.flush()
+        if self._out:
+            self._wait_sent(_now() + self.send_timeout)
+        if self.end_reason is not None:
+            raise ConnectionGone(self.end_reason)
+
+    def flush(self) -> None:
+        """Send queued lines without blocking, if no other thread is sending.
+
+        Whoever holds the write lock sends everything queued, including what
+        other threads added meanwhile; the outer loop re-checks after the
+        release so no line is left behind by a thread that found the lock
+        taken. A partial send leaves the rest at the head of the queue, so
+        lines never interleave.
+        """
+        out = self._out
+        while out and self._wlock.acquire(blocking=False):
+            try:
+                while out:
+                    data, lines = out[0]
+                    try:
+                        sent = self.sock.send(data, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        sent = 0
+                    except OSError:
+                        out.clear()
+                        self.end(None, "reset")
+                        return
+                    self.bytes_out += sent
+                    if sent < len(data):
+                        out[0] = (data[sent:], lines)
+                        if self.stalled_since is None:
+                            self.stalled_since = _now()
+                        return
+                    out.popleft()
+                    self.lines_out += lines
+                self.stalled_since = None
+            finally:
+                self._wlock.release()
+
+    def _wait_sent(self, deadline: float, ending: bool = False) -> None:
+        poller = select.poll()
+        poller.register(self.sock, select.POLLOUT)
+        while self._out and (ending or self.end_reason is None):
+            remaining = deadline - _now()
+            if remaining <= 0:
+                if not ending:
+                    self.end(None, "slow_reader")
+                return
+            poller.poll(min(remaining, 0.5) * 1000)
+            self.flush()
+
+    def send_last(self, data: bytes, timeout: float) -> None:
+        """The handler's final reply (bye, an error): queued even while ending."""
+        self._out.append((data, 1))
+        self.flush()
+        if self._out:
+            self._wait_sent(_now() + timeout, ending=True)
+
+    # -- ending ----------------------------------------------------------
+
+    def end(self, last_line: bytes | None, reason: str) -> bool:
+        """End the connection from any thread: queue ``last_line``, then shut down.
+
+        The first reason wins; returns False if the connection was already
+        being ended. The handler thread notices (its ``recv`` returns) and
+        closes the socket.
+        """
+        if self.end_reason is not None:
+            return False
+        self.end_reason = reason
+        if last_line is not None:
+            self._out.append((last_line, 1))
+            self.flush()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already disconnected
+        return True
+
+
+class EchoHandler(socketserver.BaseRequestHandler):
+    """Moves bytes between one client's socket and its line protocol."""
+
+    request: Connection
+    server: EchoServer
+
+    def handle(self) -> None:
+        conn = self.request
+        server = self.server
+        proto = protocol.LineProtocol(server.settings.max_line)
+        recv = conn.sock.recv
+        relay = server.settings.chat
+        reason = "eof"
+        final: bytes | None = None
+        try:
+            while True:
+                try:
+                    data = recv(RECV_SIZE)
+                except OSError:
+                    reason = "reset"
+                    break
+                if conn.end_reason is not None:
+                    break
+                if data:
+                    now = _now()
+                    conn.last_active = now
+                    conn.bytes_in += len(data)
+                    events = proto.feed(data)
+                else:
+                    events = proto.end_of_input()
+                for event in events:
+                    if type(event) is protocol.Echo:
+                        conn.lines_in += event.lines
+                        conn.send(event.data, event.lines)
+                        if relay:
+                            self.on_lines(event.data)
+                    elif type(event) is protocol.Exit:
+                        reason, final = "exit", event.reply
+                    elif type(event) is protocol.LineTooLong:
+                        reason, final = "line_too_long", event.reply
+                if proto.finished:
+                    break
+                if proto.pending:
+                    if conn.line_started is None or events:
+                        conn.line_started = now
+                else:
+                    conn.line_started = None
+        except ConnectionGone as gone:
+            reason = gone.reason
+        if conn.end_reason is None:
+            conn.end_reason = reason
+        self._close(final)
+
+    def on_lines(self, data: bytes) -> None:
+        """Chat mode: relay each line to every other client as ``client <id>: <line>``."""
+        conn = self.request
+        prefix = b"client %d: " % conn.id
+        lines = [prefix + line for line in data.splitlines(keepends=True)]
+        message = b"".join(line if line.endswith(b"\n") else line + b"\n" for line in lines)
+        for other in self.server.registry.snapshot():
+            if other is not conn:
+                other.push(message, len(lines))
+
+    def _close(self, final: bytes | None) -> None:
+        """Send the last reply, half-close, drain a little input, close.
+
+        Draining before close() matters: closing a socket with unread input
+        makes the kernel send RST, which can destroy the reply in flight.
+        """
+        conn = self.request
+        sock = conn.sock
+        if final is not None:
+            conn.send_last(final, min(conn.send_timeout, LINGER_SECONDS))
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            deadline = _now() + LINGER_SECONDS
+            drained = 0
+            while drained < LINGER_BYTES:
+                remaining = deadline - _now()
+                if remaining <= 0:
+                    break
+                sock.settimeout(remaining)
+                chunk = sock.recv(RECV_SIZE)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except OSError:
+            pass  # reset or timed out: nothing more to save
+        sock.close()
+
+
+class EchoServer(socketserver.ThreadingTCPServer):
+    """The listening server; see the module docstring for the design."""
+
+    daemon_threads = True  # stop() joins handlers itself, with a deadline
+    allow_reuse_address = True
+    RequestHandlerClass: Callable[[Any, Any, EchoServer], socketserver.BaseRequestHandler]
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry[Connection] | None = None,
+        listener: socket.socket | None = None,
+        handler: type[EchoHandler] = EchoHandler,
+    ) -> None:
+        """Bind ``settings.host``/``port``, or adopt an already listening socket.
+
+        Raises :class:`~echod.errors.StartupError` with one sentence when the
+        address cannot be used.
+        """
+        self.settings = settings
+        self.registry: Registry[Connection] = registry if registry is not None else Registry()
+        self.request_queue_size = settings.backlog
+        self.log: Logger = get_logger()
+        self.stopping = False
+        self._janitor_stop = threading.Event()
+        self._janitor: threading.Thread | None = None
+        self._resource_log_at = 0.0
+        self._reserve_fd: int | None = None
+        self._reject_burst = 0
+        self._last_reject = 0.0
+        if listener is not None:
+            self.address_family = listener.family
+            super().__init__(listener.getsockname()[:2], handler, bind_and_activate=False)
+            self.socket.close()
+            self.socket = listener
+            self.server_address = listener.getsockname()
+        else:
+            family, address = resolve(settings.host, settings.port)
+            self.address_family = family
+            super().__init__(address, handler, bind_and_activate=False)
+            try:
+                self.server_bind()
+                self.server_activate()
+            except OSError as err:
+                self.server_close()
+                raise StartupError(bind_error_message(settings.host, settings.port, err)) from None
+        self._reserve_fd = _open_reserve()
+        threading.stack_size(THREAD_STACK)
+
+    @property
+    def port(self) -> int:
+        port: int = self.server_address[1]
+        return port
+
+    @property
+    def host(self) -> str:
+        host: str = self.server_address[0]
+        return host
+
+    # -- accepting ---------------------------------------------------------
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._start_janitor()
+        super().serve_forever(poll_interval)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            return self.socket.accept()
+        except OSError as err:
+            if err.errno in RESOURCE_ERRNOS:
+                self._out_of_resources(err.strerror or str(err))
+            raise
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        limit = self.settings.max_clients
+        if len(self.registry) < limit:
+            return True
+        rejected = self.registry.reject()
+        _refuse(request, protocol.error_line(f"server full (max {limit} clients)"))
+        now = _now()
+        if now - self._last_reject > 1.0:  # a new burst
+            self.log.warning("client_rejected", reason="server_full", max_clients=limit,
+                             peer=format_peer(client_address), rejected_total=rejected)
+        self._reject_burst += 1
+        self._last_reject = now
+        return False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Register the client, then start its handler thread."""
+        conn = Connection(request, format_peer(client_address), self.registry.next_id(),
+                          self.settings.send_timeout)
+        self.registry.add(conn)
+        thread = threading.Thread(target=self._run_handler, args=(conn,),
+                                  name=f"echod-client-{conn.id}", daemon=True)
+        conn.thread = thread
+        try:
+            thread.start()
+        except RuntimeError as err:  # can't start new thread
+            self.registry.remove(conn)
+            self.registry.reject()
+            _refuse(request, protocol.error_line("server busy, try again later"))
+            self._out_of_resources(str(err))
+
+    def _run_handler(self, conn: Connection) -> None:
+        self.log.debug("connection_opened", client=conn.id, peer=conn.peer)
+        try:
+            self.RequestHandlerClass(conn, conn.peer, self)
+        except Exception:
+            conn.end_reason = "error"
+            self.handle_error(conn, conn.peer)
+            try:
+                conn.sock.close()
+            except OSError:
+                pass
+        finally:
+            self.registry.remove(conn)
+            self.log.info(
+                "connection_closed",
+                client=conn.id,
+                peer=conn.peer,
+                reason=conn.end_reason,
+                duration=round(_now() - conn.started, 3),
+                bytes_in=conn.bytes_in,
+                bytes_out=conn.bytes_out,
+                lines_in=conn.lines_in,
+                lines_out=conn.lines_out,
+            )
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One structured line instead of socketserver's traceback on stderr."""
+        exc = sys.exc_info()[1]
+        tb = traceback.extract_tb(exc.__traceback__)[-1:] if exc is not None else []
+        where = f"{tb[0].filename}:{tb[0].lineno} in {tb[0].name}" if tb else None
+        client = request.id if isinstance(request, Connection) else None
+        self.log.error("handler_error", client=client, peer=str(client_address),
+                       error=type(exc).__name__, detail=str(exc), where=where)
+
+    def _out_of_resources(self, detail: str) -> None:
+        """Back off instead of spinning; refuse one waiting client with a line if we can."""
+        now = _now()
+        if now - self._resource_log_at > 5.0:
+            self._resource_log_at = now
+            self.log.error("out_of_resources", detail=detail, backoff=BACKOFF_SECONDS,
+                           clients=len(self.registry))
+        # The reserve descriptor trick: free one fd, accept and answer one
+        # client so it is told rather than left hanging, then take it back.
+        if self._reserve_fd is not None:
+            os.close(self._reserve_fd)
+            self._reserve_fd = None
+            try:
+                self.socket.settimeout(0)
+                sock, _ = self.socket.accept()
+                self.registry.reject()
+                _refuse(sock, protocol.error_line("server out of resources, try again later"))
+            except OSError:
+                pass
+            finally:
+                self.socket.settimeout(None)
+                self._reserve_fd = _open_reserve()
+        self._janitor_stop.wait(BACKOFF_SECONDS)
+
+    # -- timeouts ------------------------------------------------------------
+
+    def _start_janitor(self) -> None:
+        if self._janitor is None:
+            self._janitor = threading.Thread(target=self._janitor_loop, name="echod-janitor",
+                                             daemon=True)
+            self._janitor.start()
+
+    def _janitor_loop(self) -> None:
+        s = self.settings
+        limits = [t for t in (s.idle_timeout, s.line_timeout, s.send_timeout) if t > 0]
+        tick = min(1.0, max(0.05, min(limits) / 10))
+        while not self._janitor_stop.wait(tick):
+            try:
+                self.check_timeouts()
+            except Exception:
+                self.log.error("janitor_error", exc_info=True)
+
+    def check_timeouts(self) -> None:
+        """End connections that are idle, trickling a line, or not reading."""
+        s = self.settings
+        now = _now()
+        if self._reject_burst and now - self._last_reject > 1.0:
+            self.log.warning("client_rejected_burst_ended", rejected=self._reject_burst)
+            self._reject_burst = 0
+        for conn in self.registry.snapshot():
+            if conn.end_reason is not None:
+                continue
+            if conn.stalled_since is not None:
+                conn.flush()
+                stalled = conn.stalled_since
+                if stalled is not None and now - stalled >= s.send_timeout:
+                    conn.end(None, "slow_reader")
+                    continue
+            started = conn.line_started
+            if s.line_timeout and started is not None and now - started >= s.line_timeout:
+                conn.end(protocol.error_line("line timeout"), "line_timeout")
+            elif s.idle_timeout and now - conn.last_active >= s.idle_timeout:
+                conn.end(protocol.error_line("idle timeout"), "idle_timeout")
+
+    # -- stopping --------------------------------------------------------
+
+    def stop(self, timeout: float) -> bool:
+        """Graceful stop; see the module docstring. Not from the serve_forever thread."""
+        deadline = _now() + timeout
+        self.stopping = True
+        self.shutdown()
+        self.socket.close()
+        clients = self.registry.snapshot()
+        for conn in clients:
+            conn.end(protocol.SHUTDOWN_NOTICE, "shutdown")
+        for conn in clients:
+            if conn.thread is not None:
+                conn.thread.join(max(0.0, deadline - _now()))
+        self._janitor_stop.set()
+        if self._janitor is not None:
+            self._janitor.join(1.0)
+        if self._reserve_fd is not None:
+            os.close(self._reserve_fd)
+            self._reserve_fd = None
+        return all(c.thread is None or not c.thread.is_alive() for c in clients)
+
+
+def _refuse(sock: socket.socket, line: bytes) -> None:
+    """Tell a client we will not serve it, without ever blocking the accept loop."""
+    try:
+        sock.send(line, socket.MSG_DONTWAIT)
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+def _open_reserve() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def resolve(host: str, port: int) -> tuple[socket.AddressFamily, tuple[Any, ...]]:
+    """The family and address to bind for ``host`` (an address or a name)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV)
+    except socket.gaierror as err:
+        raise StartupError(f"cannot listen on {host!r}: {err.strerror}") from None
+    family, _, _, _, address = infos[0]
+    return family, address
+
+
+def bind_error_message(host: str, port: int, err: OSError) -> str:
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if err.errno == errno.EADDRINUSE:
+        return f"cannot listen on {where}: the address is already in use"
+    if err.errno == errno.EACCES:
+        return (f"cannot listen on {where}: permission denied "
+                "(ports below 1024 need root or CAP_NET_BIND_SERVICE)")
+    if err.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: that address is not on this machine"
+    return f"cannot listen on {where}: {err.strerror or err}"

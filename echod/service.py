@@ -1,0 +1,177 @@
+"""The service lifecycle: serve until asked to stop, then stop gracefully.
+
+:class:`Service` is built in two steps so that detaching can happen between
+them: the constructor acquires every resource that can fail (the listening
+socket, the control socket), and :meth:`Service.run` serves.
+
+Lifecycle of :meth:`Service.run`, in order:
+
+1. Install signal handlers. They only record the signal and wake the main
+   loop (SIGTERM/SIGINT: stop; SIGHUP: reopen the log file). A second stop
+   signal while stopping exits at once, status 1.
+2. Start the accept loop and the janitor in a thread (``serve_forever``).
+3. Start the operator interfaces: the control socket, and the stdin console
+   when asked for.
+4. Announce readiness: the ``listening`` event, ``READY=1`` to systemd, and
+   the ``on_ready`` callback (the detaching parent waits for it).
+5. Wait for a stop request: a signal, ``/shutdown``, or :meth:`request_stop`.
+6. Stop: ``STOPPING=1``; stop accepting; tell every client and close it;
+   join the handlers within ``--shutdown-timeout``; close the operator
+   interfaces.
+7. Return exit status 0 (also when handlers outlived the deadline: they are
+   daemon threads, and that is logged as ``shutdown_incomplete``).
+
+Error handling: failures before step 4 raise
+:class:`~echod.errors.EchodError`, which the CLI reports as one sentence.
+Failures in client threads never reach this loop; they are logged by the
+server. ``run`` must be called from the main thread (signal handlers).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+from echod import systemd
+from echod.config import Settings
+from echod.logs import LogFile, Logger, get_logger
+from echod.registry import Registry
+from echod.server import Connection, EchoServer
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Service:
+    """One echod instance: a server, its operator interfaces and its lifecycle."""
+
+    def __init__(self, settings: Settings, log_file: LogFile | None = None) -> None:
+        self.settings = settings
+        self.log: Logger = get_logger()
+        self.log_file = log_file
+        self.registry: Registry[Connection] = Registry()
+        sockets = systemd.listen_sockets()  # socket activation: serve what systemd passed
+        adopted = sockets[0] if sockets else None
+        self.server = EchoServer(settings, self.registry, listener=adopted)
+        self.socket_activated = adopted is not None
+        self._stop_reason: str | None = None
+        self._signals: list[int] = []
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._closers: list[Callable[[], None]] = []
+        if os.environ.get("NOTIFY_SOCKET"):
+            self.registry.on_change = lambda n: systemd.notify(f"STATUS={n} clients")
+        self.control = self._open_control()
+
+    # -- operator interfaces ------------------------------------------------
+
+    def _open_control(self) -> object | None:
+        """Bind the control socket now, so a bad path fails before detaching."""
+        path = self.settings.control_socket
+        if path is None:
+            return None
+        from echod.control import ControlServer
+
+        control = ControlServer(path, self)
+        self._closers.append(control.close)
+        return control
+
+    def _start_console(self) -> None:
+        from echod.console import StdinConsole
+
+        console = StdinConsole(self)
+        console.start()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the main loop to stop; safe from any thread and from signal handlers."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        try:
+            os.write(self._wake_w, b"s")
+        except OSError:
+            pass  # the pipe is full: the main loop is awake anyway
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum in STOP_SIGNALS and self._stop_reason is not None and self._stopping:
+            os._exit(1)  # second stop signal while stopping: the operator insists
+        self._signals.append(signum)
+        try:
+            os.write(self._wake_w, b"!")
+        except OSError:
+            pass
+
+    _stopping = False
+
+    def run(self, on_ready: Callable[[], None] | None = None) -> int:
+        """Serve until stopped; see the module docstring for the steps."""
+        for sig in (*STOP_SIGNALS, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        serve = threading.Thread(target=self.server.serve_forever, name="echod-accept",
+                                 daemon=True)
+        serve.start()
+        if self.control is not None:
+            self.control.start()  # type: ignore[attr-defined]
+        if self._console_wanted():
+            self._start_console()
+        s = self.settings
+        self.log.info("listening", host=self.server.host, port=self.server.port,
+                      pid=os.getpid(), socket_activated=self.socket_activated,
+                      control_socket=str(s.control_socket) if s.control_socket else None,
+                      max_clients=s.max_clients, max_line=s.max_line)
+        systemd.notify("READY=1")
+        if on_ready is not None:
+            on_ready()
+        self._wait_for_stop()
+        return self._shutdown()
+
+    def _console_wanted(self) -> bool:
+        if self.settings.console is not None:
+            return self.settings.console
+        return self.settings.foreground and os.isatty(0)
+
+    def _wait_for_stop(self) -> None:
+        while self._stop_reason is None:
+            select.select([self._wake_r], [], [], 5.0)
+            try:
+                os.read(self._wake_r, 512)
+            except BlockingIOError:
+                pass
+            while self._signals:
+                signum = self._signals.pop(0)
+                if signum == signal.SIGHUP:
+                    self._reopen_logs()
+                else:
+                    self.request_stop(signal.Signals(signum).name)
+
+    def _reopen_logs(self) -> None:
+        if self.log_file is None:
+            self.log.info("sighup_ignored", detail="no log file to reopen")
+            return
+        try:
+            self.log_file.reopen()
+        except Exception as err:  # keep logging to the old file rather than die
+            self.log.error("log_reopen_failed", path=str(self.log_file.path), detail=str(err))
+            return
+        self.log.info("log_reopened", path=str(self.log_file.path))
+
+    def _shutdown(self) -> int:
+        self._stopping = True
+        clients = len(self.registry)
+        self.log.info("stopping", reason=self._stop_reason, clients=clients)
+        systemd.notify("STOPPING=1")
+        complete = self.server.stop(self.settings.shutdown_timeout)
+        for close in reversed(self._closers):
+            close()
+        if not complete:
+            self.log.warning("shutdown_incomplete", detail="handlers outlived the deadline",
+                             remaining=len(self.registry))
+        stats = self.registry.stats()
+        self.log.info("stopped", reason=self._stop_reason, served=stats.total_accepted,
+                      lines_in=stats.lines_in, uptime=round(stats.uptime, 3))
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        return 0
