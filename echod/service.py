@@ -61,7 +61,7 @@ class Service:
         self._signals: list[int] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._closers: list[Callable[[], None]] = []
-        if os.environ.get("NOTIFY_SOCKET"):
+        if systemd.notifying():
             self.registry.on_change = lambda n: systemd.notify(f"STATUS={n} clients")
         self.control = self._open_control()
 
