@@ -218,7 +218,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if opt.name == "control_socket":
             default = _UNSET_CONTROL  # "not given" differs from "none"
         shown = f" (default: {opt.default})" if opt.default is not None else ""
-        parser.add_argument(opt.flag, dest=dest, type=opt.type, default=default,
+        parser.add_argument(opt.flag, dest=dest, type=opt.type or str, default=default,
                             choices=opt.choices, metavar=opt.metavar, help=opt.help + shown)
 
 

@@ -72,6 +72,25 @@ def _wants_console(fmt: str, stream: Any) -> bool:
     return fmt == "console"
 
 
+def _exception_summary(
+    _logger: Any, _name: str, event: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """Replace ``exc_info`` with error/detail fields: ConsoleRenderer would print a traceback."""
+    exc_info = event.pop("exc_info", None)
+    if exc_info is True:
+        exc: BaseException | None = sys.exc_info()[1]
+    elif isinstance(exc_info, BaseException):
+        exc = exc_info
+    elif isinstance(exc_info, tuple):
+        exc = exc_info[1]
+    else:
+        exc = None
+    if exc is not None:
+        event.setdefault("error", type(exc).__name__)
+        event.setdefault("detail", str(exc))
+    return event
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     """Route every echod event to ``stream`` (default stderr) as ``fmt`` says."""
     stream = sys.stderr if stream is None else stream
@@ -91,8 +110,8 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
         structlog.processors.add_log_level,
         stamp,
     ]
-    if not console:
-        processors.append(structlog.processors.dict_tracebacks)
+    # JSON: the traceback as data on the one line; console: a one-line summary.
+    processors.append(structlog.processors.dict_tracebacks if not console else _exception_summary)
     processors.append(renderer)
     structlog.configure(
         processors=processors,
