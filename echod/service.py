@@ -30,6 +30,7 @@ server. ``run`` must be called from the main thread (signal handlers).
 from __future__ import annotations
 
 import os
+import resource
 import select
 import signal
 import threading
@@ -38,11 +39,46 @@ from types import FrameType
 
 from echod import systemd
 from echod.config import Settings
+from echod.console import StdinConsole
+from echod.control import ControlServer
 from echod.logs import LogFile, Logger, get_logger
 from echod.registry import Registry
 from echod.server import Connection, EchoServer
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Descriptors besides one per client: std streams, listener, reserve, control
+# socket and its sessions, log file, wake pipe, /proc reads by libraries.
+NOFILE_HEADROOM = 64
+
+
+def raise_nofile_limit(max_clients: int, log: Logger) -> int:
+    """Raise the soft open-files limit to the hard one; warn if ``max_clients`` cannot fit.
+
+    Every client holds one descriptor, and the common default soft limit of
+    1024 is below the default ``--max-clients`` plus headroom. Returns the
+    soft limit in force. Never fails: a low limit is a warning
+    (``nofile_limit_low``), and running out at runtime is handled by the
+    server's back-off.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = max_clients + NOFILE_HEADROOM
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, needed)
+    if soft != resource.RLIM_INFINITY and target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError):
+            pass  # keep the old soft limit; the warning below says what that means
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("nofile_limit_low", soft=soft, hard=hard, max_clients=max_clients,
+                    needed=needed, fits=max(0, soft - NOFILE_HEADROOM),
+                    detail="raise the hard open-files limit (ulimit -Hn, LimitNOFILE=) "
+                    "or lower --max-clients")
+    return soft
+
+
+def _notify_status(clients: int) -> None:
+    systemd.notify(f"STATUS={clients} clients")
 
 
 class Service:
@@ -52,6 +88,7 @@ class Service:
         self.settings = settings
         self.log: Logger = get_logger()
         self.log_file = log_file
+        self.nofile_limit = raise_nofile_limit(settings.max_clients, self.log)
         self.registry: Registry[Connection] = Registry()
         sockets = systemd.listen_sockets()  # socket activation: serve what systemd passed
         adopted = sockets[0] if sockets else None
@@ -62,27 +99,32 @@ class Service:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._closers: list[Callable[[], None]] = []
         if systemd.notifying():
-            self.registry.on_change = lambda n: systemd.notify(f"STATUS={n} clients")
+            self.registry.on_change = _notify_status
         self.control = self._open_control()
 
     # -- operator interfaces ------------------------------------------------
 
-    def _open_control(self) -> object | None:
+    def _open_control(self) -> ControlServer | None:
         """Bind the control socket now, so a bad path fails before detaching."""
         path = self.settings.control_socket
         if path is None:
             return None
-        from echod.control import ControlServer
-
         control = ControlServer(path, self)
         self._closers.append(control.close)
         return control
 
     def _start_console(self) -> None:
-        from echod.console import StdinConsole
-
         console = StdinConsole(self)
         console.start()
+
+    def close(self) -> None:
+        """Release what the constructor acquired, for a start abandoned before :meth:`run`."""
+        for close in reversed(self._closers):
+            close()
+        self._closers.clear()
+        self.server.server_close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -110,11 +152,14 @@ class Service:
         """Serve until stopped; see the module docstring for the steps."""
         for sig in (*STOP_SIGNALS, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        # A signal taken by another thread (e.g. pending across SIGSTOP/SIGCONT) must
+        # still wake the main loop at once; Python runs handlers on the main thread only.
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         serve = threading.Thread(target=self.server.serve_forever, name="echod-accept",
                                  daemon=True)
         serve.start()
         if self.control is not None:
-            self.control.start()  # type: ignore[attr-defined]
+            self.control.start()
         if self._console_wanted():
             self._start_console()
         s = self.settings
@@ -172,6 +217,7 @@ class Service:
         stats = self.registry.stats()
         self.log.info("stopped", reason=self._stop_reason, served=stats.total_accepted,
                       lines_in=stats.lines_in, uptime=round(stats.uptime, 3))
+        signal.set_wakeup_fd(-1)  # before its descriptor is closed and maybe reused
         os.close(self._wake_r)
         os.close(self._wake_w)
         return 0
