@@ -53,8 +53,14 @@ def serve(argv: Sequence[str]) -> int:
         from echod.daemonize import run_detached
 
         return run_detached(settings)
+    from echod.daemonize import drop_privileges, resolve_account
+
+    account = resolve_account(settings.user, settings.group)  # checked before binding
     logs.configure(settings.log_level, settings.log_format)
-    return Service(settings).run()
+    service = Service(settings)
+    if account is not None:
+        drop_privileges(account)  # bound as root; serve as --user/--group
+    return service.run()
 
 
 def _subcommands() -> dict[str, Callable[[Sequence[str]], int]]:
