@@ -58,7 +58,7 @@ CLIENT_BOUND_SHARE = 0.90
 
 DEFAULT_ECHOD_CMD = shlex.join(
     [sys.executable, "-m", "echod", "--foreground", "--host", HOST, "--port", "0",
-     "--log-format", "json", "--control-socket", "none", "--max-clients", "20000"]
+     "--log-format", "json", "--control-socket", "none", "--max-clients", "10000"]
 )
 REFERENCE_SERVERS = ("naive_socketserver", "asyncio_streams", "asyncio_protocol",
                      "uvloop_protocol")
