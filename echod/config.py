@@ -169,7 +169,7 @@ OPTIONS: tuple[Option, ...] = (
            "longest a graceful stop waits for clients to be closed", 5.0, _seconds(False),
            metavar="SECONDS"),
     Option("backlog", "--backlog", "listen backlog (the kernel caps it at net.core.somaxconn)",
-           1024, _int_range(1, 65535), metavar="N"),
+           4096, _int_range(1, 65535), metavar="N"),
 )
 
 
@@ -195,7 +195,7 @@ class Settings:
     line_timeout: float = 60.0
     send_timeout: float = 10.0
     shutdown_timeout: float = 5.0
-    backlog: int = 1024
+    backlog: int = 4096  # a burst that overflows it stalls clients for seconds (docs/limits.md)
 
     @property
     def family(self) -> socket.AddressFamily:

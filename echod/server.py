@@ -26,6 +26,18 @@ a connection the same way, with :meth:`Connection.end`: queue a last line,
 then ``shutdown()`` the socket, which wakes the handler; only the handler
 closes the socket, so a descriptor is never reused under it.
 
+Running out of descriptors (``accept`` fails with EMFILE/ENFILE) or threads
+(``can't start new thread``) makes the accept loop pause
+:data:`BACKOFF_SECONDS` per attempt instead of spinning on a listening socket
+that stays readable; one ``out_of_resources`` event is logged per 5 s, and
+``out_of_resources_ended`` when a handler starts again. A client refused for
+want of a thread is told ``ERR server busy``; for want of a descriptor, a
+reserve descriptor is closed for a moment so one waiting client per pause can
+be accepted and told ``ERR server out of resources``. Threads get
+:data:`THREAD_STACK` bytes of stack, and the GIL switch interval is raised
+(:data:`SWITCH_INTERVAL`), so thousands of clients fit in modest memory and
+CPU; docs/limits.md has the figures.
+
 Extension points: :attr:`EchoServer.RequestHandlerClass`,
 :meth:`EchoHandler.on_lines` (chat relay), :attr:`Registry.on_change`.
 
@@ -34,7 +46,9 @@ Shutdown
 From any thread but the one running :meth:`serve_forever`, :meth:`EchoServer.stop`:
 
 1. stops the accept loop (``shutdown()``) and closes the listening socket;
-2. sends every client ``Server shutting down`` and shuts its socket down;
+2. sends every client ``Server shutting down`` and shuts its socket down
+   (a handler that reads meanwhile does that itself rather than echo: busy
+   handlers would otherwise starve this loop of the GIL);
 3. joins the handler threads until the deadline;
 4. stops the janitor. Returns whether every handler ended in time.
 """
@@ -65,8 +79,14 @@ MAX_QUEUED = 256  # lines waiting for a client that is not reading; then slow_re
 LINGER_SECONDS = 1.0  # after the last reply, read and discard input this long at most
 LINGER_BYTES = 256 * 1024
 THREAD_STACK = 256 * 1024  # handlers are shallow; thousands of threads must fit
+# Every thread waiting for the GIL wakes once per switch interval; at the
+# default 5 ms, 5,000 clients becoming readable at once burn seconds of CPU
+# in those wake-ups alone. Handlers release the GIL at every recv and send,
+# so a longer interval costs nothing in latency.
+SWITCH_INTERVAL = 0.05
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 BACKOFF_SECONDS = 0.1  # accept loop pause when out of descriptors or threads
+ACCEPT_POLL = 0.1  # how soon the accept loop notices stop(); part of the shutdown deadline
 
 _now = time.monotonic
 
@@ -147,9 +167,30 @@ class Connection:
         Raises :class:`ConnectionGone` when the client is gone, being ended,
         or did not take its bytes within ``send_timeout``.
         """
-        self._out.append((data, lines))
+        out = self._out
+        # Fast path, nearly every echo: nothing queued, nobody else sending,
+        # and the socket takes it all. Otherwise queue it behind the rest.
+        if not out and self._wlock.acquire(blocking=False):
+            try:
+                sent = self.sock.send(data, socket.MSG_DONTWAIT)
+            except OSError:
+                sent = 0  # would block, or broken: the queued path finds out which
+            if sent == len(data):
+                self.bytes_out += sent
+                self.lines_out += lines
+                self._wlock.release()
+                if out:  # another thread queued a line while we held the lock
+                    self.flush()
+                return
+            if sent:
+                self.bytes_out += sent
+                data = data[sent:]
+            out.appendleft((data, lines))  # before anything queued meanwhile
+            self._wlock.release()
+        else:
+            out.append((data, lines))
         self.flush()
-        if self._out:
+        if out:
             self._wait_sent(_now() + self.send_timeout)
         if self.end_reason is not None:
             raise ConnectionGone(self.end_reason)
@@ -252,6 +293,9 @@ class EchoHandler(socketserver.BaseRequestHandler):
                     break
                 if conn.end_reason is not None:
                     break
+                if server.stopping:  # stop() will end us soon: do no more work meanwhile
+                    conn.end(protocol.SHUTDOWN_NOTICE, "shutdown")
+                    break
                 if data:
                     now = _now()
                     conn.last_active = now
@@ -347,6 +391,8 @@ class EchoServer(socketserver.ThreadingTCPServer):
         self._janitor_stop = threading.Event()
         self._janitor: threading.Thread | None = None
         self._resource_log_at = 0.0
+        self._exhausted_since: float | None = None  # out of descriptors or threads since
+        self._exhausted_refused = 0
         self._reserve_fd: int | None = None
         self._reject_burst = 0
         self._last_reject = 0.0
@@ -368,6 +414,7 @@ class EchoServer(socketserver.ThreadingTCPServer):
                 raise StartupError(bind_error_message(settings.host, settings.port, err)) from None
         self._reserve_fd = _open_reserve()
         threading.stack_size(THREAD_STACK)
+        sys.setswitchinterval(SWITCH_INTERVAL)
 
     @property
     def port(self) -> int:
@@ -376,22 +423,25 @@ class EchoServer(socketserver.ThreadingTCPServer):
 
     @property
     def host(self) -> str:
-        host: str = self.server_address[0]
-        return host
+        return str(self.server_address[0])
 
     # -- accepting ---------------------------------------------------------
 
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
+    def serve_forever(self, poll_interval: float = ACCEPT_POLL) -> None:
         self._start_janitor()
         super().serve_forever(poll_interval)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         try:
-            return self.socket.accept()
+            request = self.socket.accept()
         except OSError as err:
             if err.errno in RESOURCE_ERRNOS:
-                self._out_of_resources(err.strerror or str(err))
+                kind = "descriptors" if err.errno in (errno.EMFILE, errno.ENFILE) else "memory"
+                self._out_of_resources(kind, err.strerror or str(err))
             raise
+        if self._reserve_fd is None:  # spent while out of descriptors: take it back
+            self._reserve_fd = _open_reserve()
+        return request
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         limit = self.settings.max_clients
@@ -421,7 +471,11 @@ class EchoServer(socketserver.ThreadingTCPServer):
             self.registry.remove(conn)
             self.registry.reject()
             _refuse(request, protocol.error_line("server busy, try again later"))
-            self._out_of_resources(str(err))
+            self._exhausted_refused += 1
+            self._out_of_resources("threads", str(err))
+            return
+        if self._exhausted_since is not None:
+            self._resources_back()
 
     def _run_handler(self, conn: Connection) -> None:
         self.log.debug("connection_opened", client=conn.id, peer=conn.peer)
@@ -457,22 +511,30 @@ class EchoServer(socketserver.ThreadingTCPServer):
         self.log.error("handler_error", client=client, peer=str(client_address),
                        error=type(exc).__name__, detail=str(exc), where=where)
 
-    def _out_of_resources(self, detail: str) -> None:
-        """Back off instead of spinning; refuse one waiting client with a line if we can."""
+    def _out_of_resources(self, kind: str, detail: str) -> None:
+        """Back off instead of spinning; refuse one waiting client with a line if we can.
+
+        ``kind`` is ``descriptors`` or ``memory`` (accept failed) or
+        ``threads`` (the client was already refused). Logged at most every 5 s, and once more when
+        the shortage ends (:meth:`_resources_back`).
+        """
         now = _now()
+        if self._exhausted_since is None:
+            self._exhausted_since = now
         if now - self._resource_log_at > 5.0:
             self._resource_log_at = now
-            self.log.error("out_of_resources", detail=detail, backoff=BACKOFF_SECONDS,
-                           clients=len(self.registry))
+            self.log.error("out_of_resources", resource=kind, detail=detail,
+                           backoff=BACKOFF_SECONDS, clients=len(self.registry))
         # The reserve descriptor trick: free one fd, accept and answer one
         # client so it is told rather than left hanging, then take it back.
-        if self._reserve_fd is not None:
+        if kind == "descriptors" and self._reserve_fd is not None:
             os.close(self._reserve_fd)
             self._reserve_fd = None
             try:
                 self.socket.settimeout(0)
                 sock, _ = self.socket.accept()
                 self.registry.reject()
+                self._exhausted_refused += 1
                 _refuse(sock, protocol.error_line("server out of resources, try again later"))
             except OSError:
                 pass
@@ -480,6 +542,15 @@ class EchoServer(socketserver.ThreadingTCPServer):
                 self.socket.settimeout(None)
                 self._reserve_fd = _open_reserve()
         self._janitor_stop.wait(BACKOFF_SECONDS)
+
+    def _resources_back(self) -> None:
+        """A handler started after a shortage: say how long it lasted and whom it cost."""
+        since = self._exhausted_since or _now()
+        self.log.warning("out_of_resources_ended", refused=self._exhausted_refused,
+                         lasted=round(_now() - since, 3), clients=len(self.registry))
+        self._exhausted_since = None
+        self._exhausted_refused = 0
+        self._resource_log_at = 0.0
 
     # -- timeouts ------------------------------------------------------------
 

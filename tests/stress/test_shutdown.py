@@ -1,0 +1,48 @@
+"""Shutdown under load: SIGTERM with a thousand clients, a tenth of them not reading."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+from stresskit import Harness, Swarm, flood_until_stalled
+
+pytestmark = pytest.mark.slow
+
+NOTICE = b"Server shutting down\n"
+
+
+def test_sigterm_with_1000_clients_some_not_reading(echod: Callable[..., Harness]) -> None:
+    n, stuck_every, shutdown_timeout = 1000, 10, 5.0
+    srv = echod("--max-clients", str(n), "--shutdown-timeout", str(shutdown_timeout))
+    with Swarm(srv.port) as swarm:
+        clients = swarm.connect(n)
+        swarm.echo(clients)
+        stuck = [i for i in clients if i % stuck_every == 0]
+        reading = [i for i in clients if i % stuck_every]
+        # The stuck clients send lines whose echoes they never read, until the
+        # server stops reading from them too: their handlers are blocked sending.
+        for i in stuck:  # small buffers on our side: stall sooner, hold less kernel memory
+            swarm.socks[i].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            swarm.socks[i].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        pushed = flood_until_stalled([swarm.socks[i] for i in stuck])
+        stalled = srv.sample()
+        start = time.monotonic()
+        srv.proc.signal()
+        code = srv.proc.wait(shutdown_timeout + 10)
+        took = time.monotonic() - start
+        swarm.read_to_eof(reading, timeout=10)
+        missing = [i for i in reading if not bytes(swarm.inbox[i]).endswith(NOTICE)]
+    print(f"\nSIGTERM: {len(reading)} reading + {len(stuck)} stuck clients "
+          f"({pushed / 2**20:.0f} MiB pushed into the stuck ones, {stalled.threads} threads); "
+          f"exit {code} after {took:.2f}s")
+    srv.assert_no_traceback()
+    assert code == 0
+    assert took <= shutdown_timeout + 1.5  # the deadline, plus interpreter exit
+    assert not missing, f"{len(missing)} reading clients missed the notice, e.g. " \
+        f"{bytes(swarm.inbox[missing[0]])[-100:]!r}"
+    closed = srv.events("connection_closed", reason="shutdown")
+    assert len(closed) == n, f"{len(closed)} connection_closed(shutdown) events"
+    assert not srv.events("shutdown_incomplete")
