@@ -263,11 +263,12 @@ class Commands(Generic[T]):
     def _stats(self, rest: str) -> str:
         self._no_args("stats", rest)
         s = self.registry.stats()
+        cfg = self.settings
         self.log.info("operator_command", command="stats", ok=True)
         return "\n".join([
             "OK stats",
             f"connected={s.connected}",
-            f"max_clients={self.settings.max_clients}",
+            f"max_clients={cfg.max_clients}",
             f"total_accepted={s.total_accepted}",
             f"rejected={s.rejected}",
             f"lines_in={s.lines_in}",
@@ -275,6 +276,12 @@ class Commands(Generic[T]):
             f"bytes_in={s.bytes_in}",
             f"bytes_out={s.bytes_out}",
             f"uptime={s.uptime:.1f}s",
+            f"max_line={cfg.max_line}",
+            f"idle_timeout={cfg.idle_timeout:g}s",
+            f"line_timeout={cfg.line_timeout:g}s",
+            f"send_timeout={cfg.send_timeout:g}s",
+            f"shutdown_timeout={cfg.shutdown_timeout:g}s",
+            f"backlog={cfg.backlog}",
         ])
 
     def _help(self, rest: str) -> str:

@@ -78,10 +78,14 @@ class Registry(Generic[C]):
             self.on_change(count)
         return count
 
-    def remove(self, client: C) -> None:
+    def remove(self, client: C, refused: bool = False) -> None:
+        """Unregister a client; ``refused``: it was never served (count it as rejected)."""
         with self._lock:
             if self._clients.pop(client.id, None) is None:
                 return
+            if refused:
+                self._accepted -= 1
+                self._rejected += 1
             gone = self._gone
             gone[0] += client.lines_in
             gone[1] += client.lines_out

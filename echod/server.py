@@ -468,8 +468,7 @@ class EchoServer(socketserver.ThreadingTCPServer):
         try:
             thread.start()
         except RuntimeError as err:  # can't start new thread
-            self.registry.remove(conn)
-            self.registry.reject()
+            self.registry.remove(conn, refused=True)
             _refuse(request, protocol.error_line("server busy, try again later"))
             self._exhausted_refused += 1
             self._out_of_resources("threads", str(err))

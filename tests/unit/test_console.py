@@ -290,6 +290,11 @@ def test_stats_counts(make_rig: Callable[..., Rig]) -> None:
                      "rejected": "1", "lines_in": "3", "lines_out": "2", "bytes_in": "14",
                      "bytes_out": "10"}
     assert stats["uptime"].endswith("s") and float(stats["uptime"][:-1]) >= 0
+    # The limits in force are reported too (the hardening issue asks /stats for them).
+    assert {k: stats[k] for k in ("max_line", "idle_timeout", "line_timeout", "send_timeout",
+                                   "shutdown_timeout", "backlog")} == {
+        "max_line": "1024", "idle_timeout": "300s", "line_timeout": "60s",
+        "send_timeout": "10s", "shutdown_timeout": "5s", "backlog": "4096"}
 
 
 def test_help_lists_every_command(rig: Rig) -> None:

@@ -93,6 +93,17 @@ def test_stats_add_live_and_departed_clients() -> None:
     assert s.uptime >= 0
 
 
+def test_a_refused_client_counts_as_rejected_not_accepted() -> None:
+    # The accept loop registers a client before its thread starts; if the
+    # thread cannot start, the client was never served.
+    reg: Registry[Rec] = Registry()
+    new(reg)
+    refused = new(reg)
+    reg.remove(refused, refused=True)
+    s = reg.stats()
+    assert (s.connected, s.total_accepted, s.rejected) == (1, 1, 1)
+
+
 def test_uptime_grows() -> None:
     reg: Registry[Rec] = Registry()
     first = reg.stats().uptime
