@@ -509,6 +509,9 @@ def test_group_alone_changes_only_the_group(daemons: Daemons, shared_dir: Path) 
 AS_NOBODY = r"""
 import os, sys
 import encodings.idna, echod.cli, echod.daemonize
+# Python's stdlib may live where nobody cannot read it (pyenv under /root):
+# exercise the lazy imports argparse makes (shutil, gettext) while still root.
+echod.cli.build_parser().format_help()
 os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)
 sys.exit(echod.cli.main(sys.argv[1:]))
 """
