@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +41,15 @@ from echod.server import Connection, EchoServer
 
 TIMEOUT = 10.0  # the longest any single blocking call in a test may take
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = TIMEOUT, interval: float = 0.01,
@@ -135,6 +146,14 @@ class RunningServer:
         done = self.server.stop(timeout)
         self.thread.join(TIMEOUT)
         return done
+
+
+@pytest.fixture
+def ctl_dir() -> Iterator[Path]:
+    """A short private directory under /tmp (sun_path is 108 bytes; pytest's are long)."""
+    path = Path(tempfile.mkdtemp(prefix="echod-ctl-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class CapturedLogs:

@@ -15,7 +15,14 @@ import pytest
 
 from echod import protocol
 from echod.protocol import BYE, SHUTDOWN_NOTICE
-from tests.conftest import TIMEOUT, CapturedLogs, Client, RunningServer, wait_for
+from tests.conftest import (
+    TIMEOUT,
+    CapturedLogs,
+    Client,
+    RunningServer,
+    has_ipv6_loopback,
+    wait_for,
+)
 
 MakeServer = Callable[..., RunningServer]
 Connect = Callable[..., Client]
@@ -29,15 +36,6 @@ def closed_events(logs: CapturedLogs, count: int = 1) -> list[dict[str, Any]]:
         lambda: (e := logs.named("connection_closed")) and len(e) >= count and e,
         what=f"{count} connection_closed events")
     return events
-
-
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 # -- echo ----------------------------------------------------------------------------

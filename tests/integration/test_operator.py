@@ -12,11 +12,9 @@ does.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -86,14 +84,6 @@ class Operated:
                                                   if c.peer == peer), None),
                                     what=f"client {peer}")
         return conn
-
-
-@pytest.fixture
-def ctl_dir() -> Iterator[Path]:
-    """A short private directory under /tmp (sun_path is 108 bytes; pytest's are long)."""
-    path = Path(tempfile.mkdtemp(prefix="echod-ctl-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -247,7 +237,9 @@ def test_stats_counters(make_operated: Callable[..., Operated],
         assert {k: stats[k] for k in stats if k != "uptime"} == {
             "connected": "1", "max_clients": "2", "total_accepted": "2", "rejected": "1",
             "lines_in": "3", "lines_out": "4", "bytes_in": str(6 + 4 + 5),
-            "bytes_out": str(6 + 4 + 4),
+            "bytes_out": str(6 + 4 + 4), "max_line": "1024", "idle_timeout": "300s",
+            "line_timeout": "60s", "send_timeout": "10s", "shutdown_timeout": "5s",
+            "backlog": "4096",
         }
         assert float(stats["uptime"].removesuffix("s")) >= 0
     finally:

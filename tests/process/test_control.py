@@ -13,12 +13,10 @@ import json
 import os
 import queue
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,13 +43,6 @@ def ctl(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     result: subprocess.CompletedProcess[str] = run_echod(
         "ctl", "--control-socket", str(path), *args, text=True)
     return result
-
-
-@pytest.fixture
-def ctl_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="echod-ctl-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from echod import __version__
-from tests.conftest import ROOT, TIMEOUT, EchodProcess
+from tests.conftest import ROOT, TIMEOUT, EchodProcess, has_ipv6_loopback
 
 Spawn = Callable[..., EchodProcess]
 
@@ -37,15 +37,6 @@ COMMANDS = [
     pytest.param(["echod"], id="echod-script", marks=pytest.mark.skipif(
         ECHOD is None, reason="the echod console script is not installed (pip install -e .)")),
 ]
-
-
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 def nc(port: int, data: bytes, host: str = "127.0.0.1") -> bytes:

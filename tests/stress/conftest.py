@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from stresskit import Harness, raise_own_nofile
+
+from tests.stress.stresskit import Harness, raise_own_nofile
 
 
 @pytest.fixture(autouse=True)

@@ -58,18 +58,6 @@ def sample(pid: int) -> Sample:
     return Sample(threads, rss, cpu)
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``condition`` until it is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-
-
 def settled(pid: int, quiet: float = 0.2, timeout: float = 5.0) -> Sample:
     """A sample once the thread count has not changed for ``quiet`` seconds.
 

@@ -8,7 +8,9 @@ import time
 from collections.abc import Callable
 
 import pytest
-from stresskit import (
+
+from tests.conftest import wait_for
+from tests.stress.stresskit import (
     Harness,
     MiB,
     PeakWatch,
@@ -16,7 +18,6 @@ from stresskit import (
     control,
     flood_until_stalled,
     linger0,
-    wait_for,
 )
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from stresskit import Harness, MiB, Swarm, open_fds, sample, wait_for
+
+from tests.conftest import wait_for
+from tests.stress.stresskit import Harness, MiB, Swarm, open_fds, sample
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +148,9 @@ def test_out_of_threads_backs_off_and_recovers(echod: Callable[..., Harness],
     ended = srv.wait_count("out_of_resources_ended", 1)[0]
     assert ended["refused"] >= len(refused)
     assert srv.events("out_of_resources")[0]["resource"] == "threads"
-    assert srv.stats()["rejected"] == ended["refused"]
+    # Not ==: the control session that reads /stats needs a thread too, so
+    # near the limit a shortage can end and start again between two reads.
+    assert srv.stats()["rejected"] >= ended["refused"]
     srv.back_to_baseline(rss_slack=8 * MiB)
     srv.stop()
 

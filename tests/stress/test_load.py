@@ -7,7 +7,8 @@ import time
 from collections.abc import Callable
 
 import pytest
-from stresskit import Harness, MiB, PeakWatch, Swarm, wait_threads
+
+from tests.stress.stresskit import Harness, MiB, PeakWatch, Swarm, wait_threads
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,8 @@ import time
 from collections.abc import Callable
 
 import pytest
-from stresskit import Harness, Swarm, flood_until_stalled
+
+from tests.stress.stresskit import Harness, Swarm, flood_until_stalled
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,8 @@ import time
 from collections.abc import Callable
 
 import pytest
-from stresskit import Harness, MiB
+
+from tests.stress.stresskit import Harness, MiB
 
 pytestmark = pytest.mark.slow
 
