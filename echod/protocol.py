@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_MAX_LINE = 1024
+_WS = frozenset(b" \t\n\r\x0b\x0c")  # what bytes.strip() removes
 
 BYE = b"bye\n"
 SHUTDOWN_NOTICE = b"Server shutting down\n"
@@ -105,39 +106,30 @@ class LineProtocol:
         if self.finished:
             raise RuntimeError("feed() after the protocol finished")
         buf = self._buf + data if self._buf else data
-        last_nl = buf.rfind(b"\n")
-        if last_nl < 0:
-            return self._hold(buf, [])
-        complete_end = last_nl + 1
+        complete_end = buf.rfind(b"\n") + 1
         limit = self.max_line
-        # A cheap pre-check (about a third of a regex search): only a burst
-        # that contains the word at all is looked at line by line.
-        check_exit = b"exit" in buf.lower()
-        # Fast path: no exit word, and too short for any line to break the
-        # limit; then the whole burst is echoed in one piece.
-        if not check_exit and complete_end <= limit + 1:
-            echo = Echo(buf[:complete_end], buf.count(b"\n", 0, complete_end))
-            if complete_end == len(buf):  # the usual case: nothing left over
-                self._buf = b""
-                return [echo]
-            return self._hold(buf[complete_end:], [echo])
-        events: list[Event] = []
-        start = 0
-        echo_start = 0
-        lines = 0
         find = buf.find
+        start = 0
+        lines = 0
+        # One pass over the complete lines, O(1) work for each besides find():
+        # the length check, and a test that rules out the exit word unless the
+        # content is four bytes long or starts or ends with whitespace.
         while start < complete_end:
             nl = find(b"\n", start)
-            content_end = nl - 1 if nl > start and buf[nl - 1] == 0x0D else nl
-            if content_end - start > limit:
-                too_long = LineTooLong(line_too_long(limit))
-                return self._finish(events, echo_start, start, lines, buf, too_long)
-            if check_exit and is_exit(buf[start:nl]):
-                return self._finish(events, echo_start, start, lines, buf, Exit())
+            end = nl - 1 if nl > start and buf[nl - 1] == 0x0D else nl
+            size = end - start
+            if size > limit:
+                return self._stop(buf, start, lines, LineTooLong(line_too_long(limit)))
+            if (size == 4 or (size > 4 and (buf[start] in _WS or buf[end - 1] in _WS))) and (
+                is_exit(buf[start:nl])
+            ):
+                return self._stop(buf, start, lines, Exit())
             lines += 1
             start = nl + 1
-        if lines:
-            events.append(Echo(buf[echo_start:complete_end], lines))
+        if complete_end == len(buf):  # the usual case: nothing left over
+            self._buf = b""
+            return [Echo(buf, lines)] if lines else []
+        events: list[Event] = [Echo(buf[:complete_end], lines)] if lines else []
         return self._hold(buf[complete_end:], events)
 
     def end_of_input(self) -> list[Event]:
@@ -164,19 +156,8 @@ class LineProtocol:
         self._buf = tail
         return events
 
-    def _finish(
-        self,
-        events: list[Event],
-        echo_start: int,
-        end: int,
-        lines: int,
-        buf: bytes,
-        final: Event,
-    ) -> list[Event]:
-        """Echo the lines before ``end``, then stop with ``final``."""
-        if lines:
-            events.append(Echo(buf[echo_start:end], lines))
-        events.append(final)
+    def _stop(self, buf: bytes, end: int, lines: int, final: Event) -> list[Event]:
+        """Echo the ``lines`` complete lines before ``end``, then stop with ``final``."""
         self.finished = True
         self._buf = b""
-        return events
+        return [Echo(buf[:end], lines), final] if lines else [final]

@@ -64,7 +64,6 @@ import sys
 import threading
 import time
 import traceback
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -142,7 +141,11 @@ class Connection:
         self.bytes_in = self.bytes_out = self.lines_in = self.lines_out = 0
         self.thread: threading.Thread | None = None
         self._wlock = threading.Lock()
-        self._out: deque[tuple[bytes, int]] = deque()
+        # Lines waiting to be sent. A list, not a deque: it is nearly always
+        # empty, and an empty list costs 56 bytes where a deque costs ~600,
+        # on every one of thousands of connections. append and pop(0) are
+        # atomic under the GIL, which is all the sharing below relies on.
+        self._out: list[tuple[bytes, int]] = []
 
     # -- writing ---------------------------------------------------------
 
@@ -185,7 +188,7 @@ class Connection:
             if sent:
                 self.bytes_out += sent
                 data = data[sent:]
-            out.appendleft((data, lines))  # before anything queued meanwhile
+            out.insert(0, (data, lines))  # before anything queued meanwhile
             self._wlock.release()
         else:
             out.append((data, lines))
@@ -223,7 +226,7 @@ class Connection:
                         if self.stalled_since is None:
                             self.stalled_since = _now()
                         return
-                    out.popleft()
+                    del out[0]
                     self.lines_out += lines
                 self.stalled_since = None
             finally:
@@ -318,7 +321,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
                 if proto.pending:
                     if conn.line_started is None or events:
                         conn.line_started = now
-                else:
+                elif conn.line_started is not None:
                     conn.line_started = None
         except ConnectionGone as gone:
             reason = gone.reason
