@@ -333,8 +333,12 @@ class EchoHandler(socketserver.BaseRequestHandler):
         """Chat mode: relay each line to every other client as ``client <id>: <line>``."""
         conn = self.request
         prefix = b"client %d: " % conn.id
-        lines = [prefix + line for line in data.splitlines(keepends=True)]
-        message = b"".join(line if line.endswith(b"\n") else line + b"\n" for line in lines)
+        # Split on LF only (splitlines would also split on a lone CR); a
+        # final line without LF (at end of input) gets one.
+        lines = data.split(b"\n")
+        if not lines[-1]:
+            lines.pop()
+        message = b"".join(prefix + line + b"\n" for line in lines)
         for other in self.server.registry.snapshot():
             if other is not conn:
                 other.push(message, len(lines))

@@ -25,6 +25,16 @@ def client_id(server: RunningServer, client: Client) -> int:
     return conn.id
 
 
+def test_chat_relays_a_lone_cr_inside_its_line(make_server: Callable[..., RunningServer],
+                                               connect: Callable[..., Client]) -> None:
+    server = make_server(chat=True)
+    a, b = connect(server.port), connect(server.port)
+    ida = client_id(server, a)
+    client_id(server, b)
+    assert a.roundtrip(b"one\rtwo\n") == b"one\rtwo\n"
+    assert b.readline() == b"client %d: one\rtwo\n" % ida  # one line, not two
+
+
 def test_chat_relays_between_three_clients(make_server: Callable[..., RunningServer],
                                            connect: Callable[..., Client]) -> None:
     server = make_server(chat=True)
