@@ -11,6 +11,7 @@ answering, an ``ERR`` answer); 2 bad usage; 3 ``status``: not running (LSB).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -80,11 +81,19 @@ SUBCOMMAND_NAMES = ("ctl", "console", "stop", "status")
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if args and args[0] in SUBCOMMAND_NAMES:
-            return _subcommands()[args[0]](args[1:])
-        return serve(args)
+        try:
+            if args and args[0] in SUBCOMMAND_NAMES:
+                return _subcommands()[args[0]](args[1:])
+            return serve(args)
+        finally:
+            sys.stdout.flush()  # a closed pipe fails here, inside the handlers below
     except EchodError as err:
         print(f"echod: {err}", file=sys.stderr)
         return err.exit_status
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Whoever read our output left early (echod ctl list | head -1): no
+        # traceback, and no second error when Python flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

@@ -10,6 +10,7 @@ read has a timeout.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
 import shutil
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -313,3 +315,21 @@ def test_no_traceback_when_a_client_vanishes(spawn_echod: Spawn) -> None:
     echod.signal()
     assert echod.wait() == 0
     all_json(echod)
+
+
+
+def test_a_reader_that_left_early_gets_no_traceback(spawn_echod: Callable[..., EchodProcess],
+                                                    ctl_dir: Path) -> None:
+    # echod ctl stats | head -1: our stdout is a pipe nobody reads any more.
+    sock = str(ctl_dir / "ctl.sock")
+    spawn_echod("--control-socket", sock)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "echod", "ctl", "--control-socket", sock,
+                                 "stats"], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                timeout=TIMEOUT, cwd=ROOT)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in result.stderr
+    assert "BrokenPipeError" not in result.stderr
