@@ -47,3 +47,20 @@ def test_sigterm_with_1000_clients_some_not_reading(echod: Callable[..., Harness
     closed = srv.events("connection_closed", reason="shutdown")
     assert len(closed) == n, f"{len(closed)} connection_closed(shutdown) events"
     assert not srv.events("shutdown_incomplete")
+
+
+def test_a_second_sigterm_during_the_stop_exits_at_once(echod: Callable[..., Harness]) -> None:
+    # Closing 2,000 clients takes a few hundred milliseconds; the second
+    # signal goes out as soon as the `stopping` event is read, well inside it.
+    n = 2000
+    srv = echod("--max-clients", str(n))
+    with Swarm(srv.port) as swarm:
+        clients = swarm.connect(n)
+        swarm.echo(clients)
+        srv.proc.signal()
+        srv.proc.wait_event("stopping")
+        srv.proc.signal()
+        code = srv.proc.wait(10)
+    assert code == 1  # the operator insisted: not the clean 0 of a finished stop
+    assert not srv.events("stopped")
+    srv.assert_no_traceback()
