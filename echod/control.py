@@ -55,6 +55,7 @@ import stat
 import struct
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -90,6 +91,7 @@ class ControlServer:
         self._sessions: dict[socket.socket, threading.Thread] = {}
         self._lock = threading.Lock()  # guards _sessions only
         self._closed = False
+        self._accept_failed_at = 0.0  # rate-limits control_accept_failed (monotonic)
         self._thread: threading.Thread | None = None
         if len(os.fsencode(self.path)) > SUN_PATH_MAX:
             raise StartupError(f"control socket path {self.path} is too long "
@@ -170,7 +172,10 @@ class ControlServer:
                 conn, _ = self._sock.accept()
             except OSError as err:
                 if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.log.error("control_accept_failed", detail=err.strerror)
+                    now = time.monotonic()
+                    if now - self._accept_failed_at > 5.0:  # once per 5 s, like the server
+                        self._accept_failed_at = now
+                        self.log.error("control_accept_failed", detail=err.strerror)
                     select.select([self._wake_r], [], [], 0.5)  # back off, stay stoppable
                 continue
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,8 +62,16 @@ def test_out_of_descriptors_backs_off_and_recovers(echod: Callable[..., Harness]
         swarm.pump(0.5)
         srv.wait_count("out_of_resources", 1, timeout=5)
         # Exhausted, with clients still queued: the accept loop must sleep, not spin.
-        share = cpu_share(srv.pid, 2.0)
-        swarm.pump(0.1)
+        # An operator waits on the control socket meanwhile: its accept loop
+        # fails the same way, backs off every 0.5 s and must log once, not on
+        # every retry (four in these 2 s).
+        with socket.socket(socket.AF_UNIX) as operator:
+            operator.connect(srv.ctl)
+            srv.wait_count("control_accept_failed", 1, timeout=5)
+            share = cpu_share(srv.pid, 2.0)
+            swarm.pump(0.1)
+            srv.pump(0.1)
+        assert len(srv.events("control_accept_failed")) == 1
         echoed, refused, waiting = classify(swarm, clients)
         print(f"\nEMFILE: {spare} spare descriptors; {len(echoed)} served, {len(refused)} "
               f"refused with a line, {len(waiting)} queued; CPU while exhausted "
@@ -76,20 +85,29 @@ def test_out_of_descriptors_backs_off_and_recovers(echod: Callable[..., Harness]
         # Resources come back: queued clients are served within a second or two.
         swarm.close(echoed[:10])
         start = time.monotonic()
-        swarm.read_until(lambda i: len(swarm.inbox[i]) > 0, waiting[:5], 2)
+
+        def served_again() -> bool:
+            # Until the handlers of the ten have closed their sockets, the
+            # accept loop may still refuse the head of the queue with a line.
+            swarm.pump(0.05)
+            return sum(bytes(swarm.inbox[i]) == lines[i] for i in waiting) >= 5
+
+        wait_for(served_again, timeout=2, what="five queued clients served again")
         print(f"served again {time.monotonic() - start:.2f}s after 10 clients left")
-        assert [bytes(swarm.inbox[i]) for i in waiting[:5]] == [lines[i] for i in waiting[:5]]
+        assert all(bytes(swarm.inbox[i]) in (lines[i], OUT_OF_RESOURCES, b"") for i in waiting)
     ended = srv.wait_count("out_of_resources_ended", 1)[0]
     assert ended["refused"] >= len(refused)
     assert srv.events("out_of_resources")[0]["resource"] == "descriptors"
-    assert srv.stats()["rejected"] == ended["refused"]
+    # Not ==: the ten freed descriptors are taken again at once, so a second
+    # shortage can begin right after the first ended.
+    assert srv.stats()["rejected"] >= ended["refused"]
     srv.wait_count("connection_closed", len(echoed) + 5)
     wait_for(lambda: open_fds(srv.pid) < limit - 20, what="descriptors to be released")
     with Swarm(srv.port) as fresh:  # and new ones too
         fresh.echo(fresh.connect(5))
     srv.back_to_baseline(rss_slack=8 * MiB)
     assert not [e for e in srv.proc.events if e.get("level") == "error"
-                and e["event"] != "out_of_resources"]
+                and e["event"] not in ("out_of_resources", "control_accept_failed")]
     srv.stop()
 
 
