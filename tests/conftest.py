@@ -43,6 +43,28 @@ TIMEOUT = 10.0  # the longest any single blocking call in a test may take
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Socket activation as systemd does it, for the tests of echod.systemd and of
+# echod.socket: move the inherited fds to 3, 4, ..., set LISTEN_PID (to the
+# process's own pid unless told otherwise), LISTEN_FDS and LISTEN_FDNAMES,
+# and exec, which keeps the pid. argv: <fd,fd,...> <LISTEN_PID or "self"> <cmd...>
+ACTIVATE_WRAPPER = r"""
+import fcntl, os, sys
+fds = [int(x) for x in sys.argv[1].split(",") if x]
+# Park copies above any target fd first, so moving to 3.. clobbers nothing.
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1000) for fd in fds]
+for fd in fds:
+    os.close(fd)
+for i, fd in enumerate(high):
+    os.dup2(fd, 3 + i)  # dup2 makes the target inheritable
+    os.close(fd)
+pid = sys.argv[2]
+os.environ["LISTEN_PID"] = str(os.getpid()) if pid == "self" else pid
+os.environ["LISTEN_FDS"] = str(len(fds))
+os.environ["LISTEN_FDNAMES"] = ":".join("x%d" % i for i in range(len(fds)))
+os.execv(sys.argv[3], sys.argv[3:])
+"""
+
+
 def has_ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as sock:

@@ -44,6 +44,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import ACTIVATE_WRAPPER
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UNIT_DIR = REPO_ROOT / "systemd"
 SERVICE = UNIT_DIR / "echod.service"
@@ -543,25 +545,6 @@ def test_ready_status_stopping(echod_cmd: list[str], notifications: Notification
         echod.kill()
 
 
-# Moves the inherited fds to 3, 4, ... as systemd would, sets LISTEN_PID to
-# its own pid (unless given one), LISTEN_FDS, and execs (keeping the pid).
-# argv: <fd,fd,...> <LISTEN_PID or "self"> <cmd...>
-_ACTIVATE = r"""
-import fcntl, os, sys
-fds = [int(x) for x in sys.argv[1].split(",") if x]
-high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1000) for fd in fds]
-for fd in fds:
-    os.close(fd)
-for i, fd in enumerate(high):
-    os.dup2(fd, 3 + i)
-    os.close(fd)
-os.environ["LISTEN_PID"] = str(os.getpid()) if sys.argv[2] == "self" else sys.argv[2]
-os.environ["LISTEN_FDS"] = str(len(fds))
-os.environ["LISTEN_FDNAMES"] = "echod.socket"
-os.execv(sys.argv[3], sys.argv[3:])
-"""
-
-
 @pytest.fixture
 def activation_socket() -> Iterator[socket.socket]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -581,7 +564,7 @@ def _start_activated(
     argv = [
         sys.executable,
         "-c",
-        _ACTIVATE,
+        ACTIVATE_WRAPPER,
         str(fd),
         listen_pid,
         *echod_cmd,

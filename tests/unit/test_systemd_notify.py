@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from echod import systemd
+from tests.conftest import ACTIVATE_WRAPPER
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECV_TIMEOUT = 5.0
@@ -212,27 +213,6 @@ if socks and socks[0].family == socket.AF_INET:
 print(json.dumps(out))
 """
 
-# Wrapper: move the inherited fds to 3, 4, ... (as systemd would), set the
-# LISTEN_* variables (LISTEN_PID=self unless told otherwise) and exec, which
-# keeps the pid. argv: <fd,fd,...> <LISTEN_PID or "self"> <cmd...>
-_WRAPPER_CODE = r"""
-import fcntl, os, sys
-fds = [int(x) for x in sys.argv[1].split(",") if x]
-# Park copies above any target fd first, so moving to 3.. clobbers nothing.
-high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1000) for fd in fds]
-for fd in fds:
-    os.close(fd)
-for i, fd in enumerate(high):
-    os.dup2(fd, 3 + i)  # dup2 makes the target inheritable
-    os.close(fd)
-pid = sys.argv[2]
-os.environ["LISTEN_PID"] = str(os.getpid()) if pid == "self" else pid
-os.environ["LISTEN_FDS"] = str(len(fds))
-os.environ["LISTEN_FDNAMES"] = ":".join("x%d" % i for i in range(len(fds)))
-os.execv(sys.argv[3], sys.argv[3:])
-"""
-
-
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
@@ -246,7 +226,7 @@ def _run_activated(fds: list[int], listen_pid: str = "self") -> dict[str, object
         [
             sys.executable,
             "-c",
-            _WRAPPER_CODE,
+            ACTIVATE_WRAPPER,
             ",".join(map(str, fds)),
             listen_pid,
             sys.executable,
