@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from echod import __version__, logs
+from echod import __version__, control, daemonize, logs
 from echod.config import add_arguments, settings_from_namespace
 from echod.errors import EchodError, UsageError
 from echod.service import Service
@@ -51,39 +51,29 @@ def build_parser() -> Parser:
 def serve(argv: Sequence[str]) -> int:
     settings = settings_from_namespace(build_parser().parse_args(argv))
     if not settings.foreground:
-        from echod.daemonize import run_detached
-
-        return run_detached(settings)
-    from echod.daemonize import drop_privileges, resolve_account
-
-    account = resolve_account(settings.user, settings.group)  # checked before binding
+        return daemonize.run_detached(settings)
+    account = daemonize.resolve_account(settings.user, settings.group)  # before binding
     logs.configure(settings.log_level, settings.log_format)
     service = Service(settings)
     if account is not None:
-        drop_privileges(account)  # bound as root; serve as --user/--group
+        daemonize.drop_privileges(account)  # bound as root; serve as --user/--group
     return service.run()
 
 
-def _subcommands() -> dict[str, Callable[[Sequence[str]], int]]:
-    from echod import control, daemonize
-
-    return {
-        "ctl": control.ctl_main,
-        "console": control.console_main,
-        "stop": daemonize.stop_main,
-        "status": daemonize.status_main,
-    }
-
-
-SUBCOMMAND_NAMES = ("ctl", "console", "stop", "status")
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "ctl": control.ctl_main,
+    "console": control.console_main,
+    "stop": daemonize.stop_main,
+    "status": daemonize.status_main,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         try:
-            if args and args[0] in SUBCOMMAND_NAMES:
-                return _subcommands()[args[0]](args[1:])
+            if args and args[0] in SUBCOMMANDS:
+                return SUBCOMMANDS[args[0]](args[1:])
             return serve(args)
         finally:
             sys.stdout.flush()  # a closed pipe fails here, inside the handlers below
