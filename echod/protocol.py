@@ -113,14 +113,14 @@ class LineProtocol:
         lines = 0
         # One pass over the complete lines, O(1) work for each besides find():
         # the length check, and a test that rules out the exit word unless the
-        # content is four bytes long or starts or ends with whitespace.
+        # line is four bytes long or starts or ends with whitespace (its CR,
+        # if it ends in CRLF, counts: "exit\r" goes on to is_exit).
         while start < complete_end:
             nl = find(b"\n", start)
-            end = nl - 1 if nl > start and buf[nl - 1] == 0x0D else nl
-            size = end - start
-            if size > limit:
+            size = nl - start  # the content, and its CR if the line ends in CRLF
+            if size > limit and (size > limit + 1 or buf[nl - 1] != 0x0D):
                 return self._stop(buf, start, lines, LineTooLong(line_too_long(limit)))
-            if (size == 4 or (size > 4 and (buf[start] in _WS or buf[end - 1] in _WS))) and (
+            if (size == 4 or (size > 4 and (buf[start] in _WS or buf[nl - 1] in _WS))) and (
                 is_exit(buf[start:nl])
             ):
                 return self._stop(buf, start, lines, Exit())

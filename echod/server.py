@@ -18,9 +18,11 @@ only ever sees whole lines. The handler thread alone waits (with a deadline,
 that keeps echod from reading more than it can answer.
 
 Timeouts are not kept on the sockets: the handler's ``recv`` blocks without
-one, which keeps the hot path to one ``recv`` and one ``send`` per burst.
-A single janitor thread looks at every connection a few times a second and
-ends those that are idle, trickling a line, or not reading
+one, which keeps the hot path to one ``recv`` and one ``send`` per burst, and
+the handler reads no clock: it only counts bytes and lines. A single janitor
+thread looks at every connection a few times a second, turns what the
+counters did since its last look into times (:meth:`Connection.notice`), and
+ends the connections that are idle, trickling a line, or not reading
 (``--idle-timeout``, ``--line-timeout``, ``--send-timeout``). Any thread ends
 a connection the same way, with :meth:`Connection.end`: queue a last line,
 then ``shutdown()`` the socket, which wakes the handler; only the handler
@@ -106,7 +108,7 @@ def format_peer(addr: Any) -> str:
 
 
 class Connection:
-    """One connected client: its socket, counters and the way to write to it."""
+    """One connected client: its socket, protocol state, counters and the way to write to it."""
 
     __slots__ = (
         "_out",
@@ -121,6 +123,9 @@ class Connection:
         "lines_in",
         "lines_out",
         "peer",
+        "proto",
+        "seen_bytes_in",
+        "seen_lines_in",
         "send_timeout",
         "sock",
         "stalled_since",
@@ -128,17 +133,21 @@ class Connection:
         "thread",
     )
 
-    def __init__(self, sock: socket.socket, peer: str, cid: int, send_timeout: float) -> None:
+    def __init__(self, sock: socket.socket, peer: str, cid: int, send_timeout: float,
+                 max_line: int = protocol.DEFAULT_MAX_LINE) -> None:
         self.sock = sock
         self.peer = peer
         self.id = cid
         self.send_timeout = send_timeout
+        self.proto = protocol.LineProtocol(max_line)  # the handler feeds it; the janitor reads it
         self.connected_at = time.time()
-        self.started = self.last_active = _now()
-        self.line_started: float | None = None  # first byte of an unfinished line
-        self.stalled_since: float | None = None  # a send could not finish
         self.end_reason: str | None = None  # set once, by whoever ends the connection
+        self.stalled_since: float | None = None  # a send could not finish
+        # The handler only counts; the janitor turns counts into times (see notice()).
         self.bytes_in = self.bytes_out = self.lines_in = self.lines_out = 0
+        self.seen_bytes_in = self.seen_lines_in = 0
+        self.started = self.last_active = _now()
+        self.line_started: float | None = None  # first byte of an unfinished line, as seen
         self.thread: threading.Thread | None = None
         self._wlock = threading.Lock()
         # Lines waiting to be sent. A list, not a deque: it is nearly always
@@ -173,7 +182,7 @@ class Connection:
         out = self._out
         # Fast path, nearly every echo: nothing queued, nobody else sending,
         # and the socket takes it all. Otherwise queue it behind the rest.
-        if not out and self._wlock.acquire(blocking=False):
+        if not out and self._wlock.acquire(False):
             try:
                 sent = self.sock.send(data, socket.MSG_DONTWAIT)
             except OSError:
@@ -208,7 +217,7 @@ class Connection:
         lines never interleave.
         """
         out = self._out
-        while out and self._wlock.acquire(blocking=False):
+        while out and self._wlock.acquire(False):
             try:
                 while out:
                     data, lines = out[0]
@@ -251,6 +260,28 @@ class Connection:
         if self._out:
             self._wait_sent(_now() + timeout, ending=True)
 
+    # -- timing ----------------------------------------------------------
+
+    def notice(self, now: float) -> None:
+        """The janitor's look: turn counter changes since the last one into times.
+
+        Input since the last look makes the client active ``now``; a line
+        completed since then, with another one unfinished, starts that line's
+        clock ``now``. Both are noticed up to one tick late, never early.
+        ``pending`` is read before ``lines_in``, so a line finished between
+        the two reads counts as new rather than keeping an older start.
+        """
+        pending = self.proto.pending
+        bytes_in, lines_in = self.bytes_in, self.lines_in
+        if bytes_in != self.seen_bytes_in:
+            self.seen_bytes_in = bytes_in
+            self.last_active = now
+        if not pending:
+            self.line_started = None
+        elif self.line_started is None or lines_in != self.seen_lines_in:
+            self.line_started = now
+        self.seen_lines_in = lines_in
+
     # -- ending ----------------------------------------------------------
 
     def end(self, last_line: bytes | None, reason: str) -> bool:
@@ -282,7 +313,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         conn = self.request
         server = self.server
-        proto = protocol.LineProtocol(server.settings.max_line)
+        proto = conn.proto
         recv = conn.sock.recv
         relay = server.settings.chat
         reason = "eof"
@@ -300,8 +331,6 @@ class EchoHandler(socketserver.BaseRequestHandler):
                     conn.end(protocol.SHUTDOWN_NOTICE, "shutdown")
                     break
                 if data:
-                    now = _now()
-                    conn.last_active = now
                     conn.bytes_in += len(data)
                     events = proto.feed(data)
                 else:
@@ -318,11 +347,6 @@ class EchoHandler(socketserver.BaseRequestHandler):
                         reason, final = "line_too_long", event.reply
                 if proto.finished:
                     break
-                if proto.pending:
-                    if conn.line_started is None or events:
-                        conn.line_started = now
-                elif conn.line_started is not None:
-                    conn.line_started = None
         except ConnectionGone as gone:
             reason = gone.reason
         if conn.end_reason is None:
@@ -467,7 +491,7 @@ class EchoServer(socketserver.ThreadingTCPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         """Register the client, then start its handler thread."""
         conn = Connection(request, format_peer(client_address), self.registry.next_id(),
-                          self.settings.send_timeout)
+                          self.settings.send_timeout, self.settings.max_line)
         self.registry.add(conn)
         thread = threading.Thread(target=self._run_handler, args=(conn,),
                                   name=f"echod-client-{conn.id}", daemon=True)
@@ -586,6 +610,7 @@ class EchoServer(socketserver.ThreadingTCPServer):
         for conn in self.registry.snapshot():
             if conn.end_reason is not None:
                 continue
+            conn.notice(now)
             if conn.stalled_since is not None:
                 conn.flush()
                 stalled = conn.stalled_since

@@ -125,6 +125,7 @@ def test_idle_timeout_zero_is_off(make_server: MakeServer, connect: Connect) -> 
     client = connect(srv.port)
     assert client.roundtrip(b"hi\n") == b"hi\n"
     (conn,) = srv.registry.snapshot()
+    srv.server.check_timeouts()  # the janitor has noticed the round trip
     conn.last_active -= 10**6  # silent for eleven days, as far as the janitor can tell
     srv.server.check_timeouts()
     assert conn.end_reason is None
@@ -179,6 +180,7 @@ def test_line_timeout_zero_is_off(make_server: MakeServer, connect: Connect) -> 
     client.send(b"unfinished")
     wait_for(lambda: srv.registry.stats().bytes_in == 10, what="the bytes to arrive")
     (conn,) = srv.registry.snapshot()
+    srv.server.check_timeouts()  # the janitor notices the unfinished line
     assert conn.line_started is not None
     conn.line_started -= 10**6
     srv.server.check_timeouts()

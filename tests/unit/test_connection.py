@@ -1,0 +1,62 @@
+"""Connection.notice: how the janitor turns the handler's counters into times.
+
+The handler thread reads no clock; these tests play its part (feed the
+protocol, bump the counters) and then take the janitor's look at chosen times.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from echod.server import Connection
+
+
+@pytest.fixture
+def conn() -> Iterator[Connection]:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        yield Connection(ours, "peer", 1, send_timeout=1.0, max_line=64)
+
+
+def arrive(conn: Connection, data: bytes) -> None:
+    """What the handler does with one read, minus the echo."""
+    conn.bytes_in += len(data)
+    for event in conn.proto.feed(data):
+        conn.lines_in += getattr(event, "lines", 0)
+
+
+def test_nothing_arrives_nothing_changes(conn: Connection) -> None:
+    conn.notice(conn.started + 50)
+    assert conn.last_active == conn.started
+    assert conn.line_started is None
+
+
+def test_input_makes_the_client_active_when_noticed(conn: Connection) -> None:
+    arrive(conn, b"hello\n")
+    conn.notice(10.0)
+    assert (conn.last_active, conn.line_started) == (10.0, None)
+    conn.notice(20.0)  # silent since
+    assert conn.last_active == 10.0
+
+
+def test_an_unfinished_line_keeps_its_first_noticed_time(conn: Connection) -> None:
+    arrive(conn, b"hel")
+    conn.notice(10.0)
+    assert conn.line_started == 10.0
+    arrive(conn, b"lo")  # trickling does not move the deadline
+    conn.notice(11.0)
+    assert (conn.last_active, conn.line_started) == (11.0, 10.0)
+
+
+def test_a_finished_line_restarts_the_clock_for_the_next(conn: Connection) -> None:
+    arrive(conn, b"first")
+    conn.notice(10.0)
+    arrive(conn, b" line\nsecond")  # finished one line, began another, between two looks
+    conn.notice(12.0)
+    assert conn.line_started == 12.0
+    arrive(conn, b" line\n")
+    conn.notice(13.0)
+    assert conn.line_started is None
