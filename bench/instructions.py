@@ -40,7 +40,7 @@ CG_DIR = run.OUT / "callgrind"
 RESULTS = run.OUT / "instructions.json"
 START_TIMEOUT = 120.0  # python under valgrind takes seconds to import
 DEFAULT_POINTS = "10c-64B-d1,10c-1024B-d1"
-EXTRA_POINTS = {"10c-1024B-d1": run._load(10, 1024)}
+EXTRA_POINTS = {"10c-1024B-d1": run._load(10, 1024), "10c-64B-d16": run._load(10, 64, 16)}
 
 
 def callgrind_cmd(spec: run.ServerSpec, tag: str) -> run.ServerSpec:

@@ -28,7 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_MAX_LINE = 1024
-_WS = frozenset(b" \t\n\r\x0b\x0c")  # what bytes.strip() removes
+# The last byte before the LF of a line that means exit: the word's last
+# letter, or whitespace that bytes.strip() removes (a CR among it).
+_EXIT_ENDS = frozenset(b"tT \t\r\x0b\x0c")
 
 BYE = b"bye\n"
 SHUTDOWN_NOTICE = b"Server shutting down\n"
@@ -106,31 +108,30 @@ class LineProtocol:
         if self.finished:
             raise RuntimeError("feed() after the protocol finished")
         buf = self._buf + data if self._buf else data
-        complete_end = buf.rfind(b"\n") + 1
         limit = self.max_line
         find = buf.find
-        start = 0
+        end = len(buf)
+        start = 0  # where the first line not yet looked at begins
         lines = 0
         # One pass over the complete lines, O(1) work for each besides find():
-        # the length check, and a test that rules out the exit word unless the
-        # line is four bytes long or starts or ends with whitespace (its CR,
-        # if it ends in CRLF, counts: "exit\r" goes on to is_exit).
-        while start < complete_end:
+        # the length check, and a test that leaves is_exit() only the lines
+        # of four bytes or more that end in t, T or whitespace.
+        while start < end:
             nl = find(b"\n", start)
+            if nl < 0:
+                break
             size = nl - start  # the content, and its CR if the line ends in CRLF
             if size > limit and (size > limit + 1 or buf[nl - 1] != 0x0D):
                 return self._stop(buf, start, lines, LineTooLong(line_too_long(limit)))
-            if (size == 4 or (size > 4 and (buf[start] in _WS or buf[nl - 1] in _WS))) and (
-                is_exit(buf[start:nl])
-            ):
+            if size >= 4 and buf[nl - 1] in _EXIT_ENDS and is_exit(buf[start:nl]):
                 return self._stop(buf, start, lines, Exit())
             lines += 1
             start = nl + 1
-        if complete_end == len(buf):  # the usual case: nothing left over
+        if start == end:  # the usual case: whole lines, nothing left over
             self._buf = b""
             return [Echo(buf, lines)] if lines else []
-        events: list[Event] = [Echo(buf[:complete_end], lines)] if lines else []
-        return self._hold(buf[complete_end:], events)
+        events: list[Event] = [Echo(buf[:start], lines)] if lines else []
+        return self._hold(buf[start:], events)
 
     def end_of_input(self) -> list[Event]:
         """The peer closed its sending side: answer the unfinished line, then end."""
