@@ -17,7 +17,11 @@ NOTICE = b"Server shutting down\n"
 
 def test_sigterm_with_1000_clients_some_not_reading(echod: Callable[..., Harness]) -> None:
     n, stuck_every, shutdown_timeout = 1000, 10, 5.0
-    srv = echod("--max-clients", str(n), "--shutdown-timeout", str(shutdown_timeout))
+    # A send timeout far beyond the flood below: on a slow machine the flood
+    # can take longer than the default 10 s, and the first clients to stall
+    # would be ended as slow readers before the SIGTERM this test is about.
+    srv = echod("--max-clients", str(n), "--shutdown-timeout", str(shutdown_timeout),
+                "--send-timeout", "120")
     with Swarm(srv.port) as swarm:
         clients = swarm.connect(n)
         swarm.echo(clients)
