@@ -145,6 +145,15 @@ class Client:
         self.sock.close()
 
 
+def roundtrip_once(port: int, line: bytes = b"ping\n") -> bytes:
+    """Connect, send ``line``, return the line that comes back, close."""
+    client = Client(port)
+    try:
+        return client.roundtrip(line)
+    finally:
+        client.close()
+
+
 class RunningServer:
     """An in-process EchoServer serving in a background thread."""
 

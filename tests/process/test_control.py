@@ -26,7 +26,7 @@ from typing import IO, Any
 import pytest
 
 from echod.daemonize import is_alive
-from tests.conftest import ROOT, TIMEOUT, Client, EchodProcess, wait_for
+from tests.conftest import ROOT, TIMEOUT, Client, EchodProcess, roundtrip_once, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -352,11 +352,7 @@ def test_console_flag_reads_commands_from_stdin(nc_client: Callable[..., Any]) -
         # End of input ends the console, not the server.
         echod.stdin.close()
         echod.err.wait_for(b'"console_closed"')
-        client = Client(echod.port)
-        try:
-            assert client.roundtrip(b"still serving\n") == b"still serving\n"
-        finally:
-            client.close()
+        assert roundtrip_once(echod.port, b"still serving\n") == b"still serving\n"
         assert echod.proc.poll() is None
         echod.proc.send_signal(signal.SIGTERM)
         assert echod.proc.wait(TIMEOUT) == 0
@@ -379,11 +375,7 @@ def test_no_console_without_a_terminal() -> None:
     try:
         echod.send(b"/shutdown\n")
         echod.stdin.close()
-        client = Client(echod.port)  # ignored: still serving
-        try:
-            assert client.roundtrip(b"ping\n") == b"ping\n"
-        finally:
-            client.close()
+        assert roundtrip_once(echod.port) == b"ping\n"  # ignored: still serving
         assert echod.proc.poll() is None
         echod.proc.send_signal(signal.SIGTERM)
         assert echod.proc.wait(TIMEOUT) == 0
@@ -422,11 +414,7 @@ def test_console_under_a_real_terminal(nc_client: Callable[..., Any]) -> None:
         proc.stdin.write(b"\x04")  # Ctrl-D: end of input on the terminal
         proc.stdin.flush()
         out.wait_for(b'"console_closed"')
-        client = Client(port)
-        try:
-            assert client.roundtrip(b"still serving\n") == b"still serving\n"
-        finally:
-            client.close()
+        assert roundtrip_once(port, b"still serving\n") == b"still serving\n"
         os.kill(pid, signal.SIGTERM)
         assert proc.wait(TIMEOUT) == 0
     finally:

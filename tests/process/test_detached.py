@@ -40,7 +40,7 @@ import pytest
 from echod import protocol
 from echod.daemonize import DaemonDied, is_alive, wait_ready
 from echod.errors import StartupError
-from tests.conftest import ROOT, TIMEOUT, Client, wait_for
+from tests.conftest import ROOT, TIMEOUT, Client, roundtrip_once, wait_for
 
 START_TIMEOUT = 3 * TIMEOUT  # the command itself waits up to 30 s for readiness
 STARTED = re.compile(r"^echod listening on (?P<host>\S+):(?P<port>\d+) \(pid (?P<pid>\d+)\)$")
@@ -145,21 +145,13 @@ def daemons(tmp_path: Path) -> Iterator[Daemons]:
     running.cleanup()
 
 
-def roundtrip(port: int, line: bytes = b"ping\n") -> bytes:
-    client = Client(port)
-    try:
-        return client.roundtrip(line)
-    finally:
-        client.close()
-
-
 # -- starting --------------------------------------------------------------------
 
 
 def test_returns_only_once_serving_and_the_daemon_is_detached(daemons: Daemons) -> None:
     d = daemons.start()
     # No waiting, no retry: the command returned, so the port answers now.
-    assert roundtrip(d.port) == b"ping\n"
+    assert roundtrip_once(d.port) == b"ping\n"
     assert d.pidfile.read_text() == f"{d.pid}\n"
     assert d.pid != os.getpid()
     assert ppid_of(d.pid) != os.getpid()  # not our child: reparented after two forks
@@ -193,7 +185,7 @@ def test_descriptors_inherited_from_the_caller_are_closed(daemons: Daemons) -> N
 
 def test_logs_json_lines_to_the_log_file(daemons: Daemons) -> None:
     d = daemons.start("--log-level", "debug")
-    assert roundtrip(d.port) == b"ping\n"
+    assert roundtrip_once(d.port) == b"ping\n"
     closed = wait_event(d.log, "connection_closed")
     assert closed["lines_in"] == 1
     lines = d.log.read_text().splitlines()
@@ -209,7 +201,7 @@ def test_sighup_after_the_log_file_was_moved_opens_a_new_one(daemons: Daemons) -
     d.log.rename(rotated)
     os.kill(d.pid, signal.SIGHUP)
     wait_event(d.log, "log_reopened")
-    assert roundtrip(d.port) == b"ping\n"
+    assert roundtrip_once(d.port) == b"ping\n"
     wait_event(d.log, "connection_closed")
     assert [e["event"] for e in events(rotated)] == ["listening"]
     assert oct(d.log.stat().st_mode & 0o777) == oct(0o640)  # created under umask 027
@@ -283,7 +275,7 @@ def test_a_second_start_is_refused_while_one_runs(daemons: Daemons) -> None:
     assert second.stdout == ""
     assert one_line(second.stderr) == f"echod: already running (pid {d.pid})"
     assert d.pidfile.read_text() == f"{d.pid}\n"
-    assert roundtrip(d.port) == b"ping\n"
+    assert roundtrip_once(d.port) == b"ping\n"
 
 
 def test_a_stale_pidfile_does_not_block_a_start(daemons: Daemons, tmp_path: Path) -> None:
@@ -302,7 +294,7 @@ def test_a_killed_daemon_can_be_restarted_at_once(daemons: Daemons) -> None:
     wait_for(lambda: not is_alive(first.pid), what="the daemon to die")
     assert first.pidfile.read_text() == f"{first.pid}\n"  # left behind, but unlocked
     second = daemons.start()
-    assert roundtrip(second.port) == b"ping\n"
+    assert roundtrip_once(second.port) == b"ping\n"
 
 
 # -- what is checked before detaching: one sentence on the terminal ------------------
@@ -465,7 +457,7 @@ def test_user_nobody_binds_as_root_then_serves_as_nobody(daemons: Daemons,
     assert status["Uid"].split() == ["65534"] * 4  # real, effective, saved, fs
     assert status["Gid"].split() == ["65534"] * 4
     assert status["Groups"].split() == ["65534"]  # root's groups are gone
-    assert roundtrip(d.port) == b"ping\n"
+    assert roundtrip_once(d.port) == b"ping\n"
     # logrotate with `create` moves the file and creates a new one like it.
     assert (d.log.stat().st_uid, d.log.stat().st_gid) == (65534, 65534)
     d.log.rename(log_dir / "echod.log.1")
@@ -491,7 +483,7 @@ def test_user_nobody_with_a_root_owned_pidfile_directory_empties_it(
     status = echod("status", "--pidfile", str(d.pidfile))
     assert (status.returncode, status.stdout.strip()) == (3, "echod is not running")
     again = daemons.start("--user", "nobody", pidfile=d.pidfile, log=d.log)
-    assert roundtrip(again.port) == b"ping\n"
+    assert roundtrip_once(again.port) == b"ping\n"
 
 
 @ROOT_ONLY
