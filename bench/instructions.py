@@ -44,9 +44,14 @@ EXTRA_POINTS = {"10c-1024B-d1": run._load(10, 1024), "10c-64B-d16": run._load(10
 
 
 def callgrind_cmd(spec: run.ServerSpec, tag: str) -> run.ServerSpec:
-    cmd = ("valgrind", "--tool=callgrind", "--instr-atstart=no",
-           f"--callgrind-out-file={CG_DIR / tag}.%p", f"--log-file={CG_DIR / tag}.valgrind.log",
-           *spec.cmd)
+    cmd = (
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={CG_DIR / tag}.%p",
+        f"--log-file={CG_DIR / tag}.valgrind.log",
+        *spec.cmd,
+    )
     return run.ServerSpec(spec.name, cmd, spec.port_from)
 
 
@@ -58,8 +63,12 @@ def total_instructions(dump: Path) -> int:
 
 
 def top_functions(dump: Path, lines: int, n: int) -> list[tuple[str, float]]:
-    out = subprocess.run(["callgrind_annotate", "--inclusive=no", str(dump)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["callgrind_annotate", "--inclusive=no", str(dump)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rows = []
     for line in out.splitlines():
         m = re.match(r"\s*([\d,]+) \(\s*[\d.]+%\)\s+(\S.*?)(?: \[.*\])?$", line)
@@ -69,22 +78,33 @@ def top_functions(dump: Path, lines: int, n: int) -> list[tuple[str, float]]:
     return rows[:n]
 
 
-def measure(point: run.Point, spec: run.ServerSpec, s: run.Settings,
-            top: int) -> dict[str, object]:
+def measure(point: run.Point, spec: run.ServerSpec, s: run.Settings, top: int) -> dict[str, object]:
     tag = f"{point.id}-{spec.name}"
     for old in CG_DIR.glob(f"{tag}.*"):
         old.unlink()
     server = run.Server(callgrind_cmd(spec, tag), None, f"instructions-{tag}")
     try:
         port = server.wait_port(START_TIMEOUT)
-        subprocess.run(["callgrind_control", "--instr=on", str(server.pid)], check=True,
-                       capture_output=True, timeout=30)
-        proc, reader = run.start_loadgen(run.loadgen_cmd(point, port, s), s, tag,
-                                         subprocess.DEVNULL)
-        result = run.finish_loadgen(proc, reader, time.monotonic() + s.duration + s.warmup
-                                    + s.grace + s.connect_timeout + 10)
-        subprocess.run(["callgrind_control", "--dump", str(server.pid)], check=True,
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            ["callgrind_control", "--instr=on", str(server.pid)],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        proc, reader = run.start_loadgen(
+            run.loadgen_cmd(point, port, s), s, tag, subprocess.DEVNULL
+        )
+        result = run.finish_loadgen(
+            proc,
+            reader,
+            time.monotonic() + s.duration + s.warmup + s.grace + s.connect_timeout + 10,
+        )
+        subprocess.run(
+            ["callgrind_control", "--dump", str(server.pid)],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
     finally:
         server.stop()
     dumps = sorted(CG_DIR.glob(f"{tag}.{server.pid}.*"))
@@ -92,23 +112,34 @@ def measure(point: run.Point, spec: run.ServerSpec, s: run.Settings,
         raise run.RunError(f"callgrind wrote no dump for {tag}")
     lines = int(result["completed_total"])
     if lines == 0 or result["mismatches"] or result["errors"]:
-        raise run.RunError(f"{tag}: {lines} lines echoed, {result['mismatches']} mismatches, "
-                           f"{result['errors']} errors")
-    return {"point": point.id, "server": spec.name, "lines": lines,
-            "instructions_per_line": total_instructions(dumps[0]) / lines,
-            "top": top_functions(dumps[0], lines, top) if top else []}
+        raise run.RunError(
+            f"{tag}: {lines} lines echoed, {result['mismatches']} mismatches, "
+            f"{result['errors']} errors"
+        )
+    return {
+        "point": point.id,
+        "server": spec.name,
+        "lines": lines,
+        "instructions_per_line": total_instructions(dumps[0]) / lines,
+        "top": top_functions(dumps[0], lines, top) if top else [],
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--servers", default="echod,naive_socketserver",
-                    help="comma-separated servers, as in bench/run.py --list")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--servers",
+        default="echod,naive_socketserver",
+        help="comma-separated servers, as in bench/run.py --list",
+    )
     ap.add_argument("--points", default=DEFAULT_POINTS, help="comma-separated load points")
     ap.add_argument("--duration", type=float, default=4.0, help="load window, s (default 4)")
     ap.add_argument("--top", type=int, default=0, help="also list the N costliest functions")
-    ap.add_argument("--echod-cmd", default=run.DEFAULT_ECHOD_CMD,
-                    help="how to start echod (see bench/run.py)")
+    ap.add_argument(
+        "--echod-cmd", default=run.DEFAULT_ECHOD_CMD, help="how to start echod (see bench/run.py)"
+    )
     args = ap.parse_args(argv)
     for tool in ("valgrind", "callgrind_control", "callgrind_annotate"):
         if shutil.which(tool) is None:
@@ -121,22 +152,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.exit("only load points can be counted")
     run.build_loadgen()
     CG_DIR.mkdir(parents=True, exist_ok=True)
-    s = run.Settings(duration=args.duration, warmup=0.2, grace=30.0, connect_timeout=30.0,
-                     idle_settle=0.0, server_cpu=None, client_cpu=None)
+    s = run.Settings(
+        duration=args.duration,
+        warmup=0.2,
+        grace=30.0,
+        connect_timeout=30.0,
+        idle_settle=0.0,
+        server_cpu=None,
+        client_cpu=None,
+    )
     records = []
     for point in points:
         for name in servers:
             print(f"{point.id} {name} ...", end=" ", file=sys.stderr, flush=True)
             rec = measure(point, table[name], s, args.top)
-            print(f"{rec['instructions_per_line']:,.0f} instructions per line",
-                  file=sys.stderr)
+            print(f"{rec['instructions_per_line']:,.0f} instructions per line", file=sys.stderr)
             records.append(rec)
     RESULTS.write_text(json.dumps(records, indent=1) + "\n")
     for point in points:
         rows = [r for r in records if r["point"] == point.id]
         base = next((r for r in rows if r["server"] == "echod"), rows[0])
-        print(f"\n{point.id}: user-space instructions per echoed line "
-              f"(this ÷ {base['server']} above 1: {base['server']} executes fewer)\n")
+        print(
+            f"\n{point.id}: user-space instructions per echoed line "
+            f"(this ÷ {base['server']} above 1: {base['server']} executes fewer)\n"
+        )
         print(f"| server | instructions per line | this ÷ {base['server']} |\n|---|---:|---:|")
         for r in rows:
             ipl = float(r["instructions_per_line"])  # type: ignore[arg-type]

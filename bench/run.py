@@ -57,11 +57,24 @@ DISTURBED_SHARE = 0.10
 CLIENT_BOUND_SHARE = 0.90
 
 DEFAULT_ECHOD_CMD = shlex.join(
-    [sys.executable, "-m", "echod", "--foreground", "--host", HOST, "--port", "0",
-     "--log-format", "json", "--control-socket", "none", "--max-clients", "10000"]
+    [
+        sys.executable,
+        "-m",
+        "echod",
+        "--foreground",
+        "--host",
+        HOST,
+        "--port",
+        "0",
+        "--log-format",
+        "json",
+        "--control-socket",
+        "none",
+        "--max-clients",
+        "10000",
+    ]
 )
-REFERENCE_SERVERS = ("naive_socketserver", "asyncio_streams", "asyncio_protocol",
-                     "uvloop_protocol")
+REFERENCE_SERVERS = ("naive_socketserver", "asyncio_streams", "asyncio_protocol", "uvloop_protocol")
 
 Record = dict[str, Any]
 
@@ -88,8 +101,10 @@ class Point:
         if self.kind == "idle":
             return f"Idle memory, {self.connections} connections"
         conns = "connection" if self.connections == 1 else "connections"
-        return (f"{self.connections} {conns}, {self.line_size}-byte lines, "
-                f"{self.depth} in flight per connection")
+        return (
+            f"{self.connections} {conns}, {self.line_size}-byte lines, "
+            f"{self.depth} in flight per connection"
+        )
 
 
 def _load(c: int, size: int = 64, depth: int = 1) -> Point:
@@ -100,8 +115,16 @@ def _idle(c: int) -> Point:
     return Point(f"idle-{c}c", "idle", c)
 
 
-POINTS = (_load(1), _load(10), _load(100), _load(1000), _load(100, 1024), _load(100, 64, 16),
-          _idle(1000), _idle(5000))
+POINTS = (
+    _load(1),
+    _load(10),
+    _load(100),
+    _load(1000),
+    _load(100, 1024),
+    _load(100, 64, 16),
+    _idle(1000),
+    _idle(5000),
+)
 # Smoke: small lines, the longest legal line (1024 bytes + "\n") with
 # pipelining, and a handful of held connections.
 SMOKE_POINTS = (_load(10), _load(20, 1025, 4), _idle(200))
@@ -127,13 +150,15 @@ def server_table(echod_cmd: str) -> dict[str, ServerSpec]:
         "echod": ServerSpec("echod", echod, ("stderr-json", "proc")),
         # Same daemon without info logging: shows what logging costs. Its
         # "listening" event is info-level, hence the /proc fallback.
-        "echod-quiet": ServerSpec("echod-quiet", (*echod, "--log-level", "warning"),
-                                  ("stderr-json", "proc")),
+        "echod-quiet": ServerSpec(
+            "echod-quiet", (*echod, "--log-level", "warning"), ("stderr-json", "proc")
+        ),
     }
     for name in REFERENCE_SERVERS:
         script = BENCH / "servers" / f"{name}.py"
-        table[name] = ServerSpec(name, (sys.executable, str(script), "--host", HOST,
-                                        "--port", "0"), ("stdout",))
+        table[name] = ServerSpec(
+            name, (sys.executable, str(script), "--host", HOST, "--port", "0"), ("stdout",)
+        )
     return table
 
 
@@ -277,8 +302,13 @@ class Server:
             # Output goes to files, not pipes: a server that logs a lot must
             # never stall because nobody drains its pipe.
             self.proc = subprocess.Popen(
-                spec.cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=REPO,
-                preexec_fn=child_setup(cpu), start_new_session=True,
+                spec.cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                cwd=REPO,
+                preexec_fn=child_setup(cpu),
+                start_new_session=True,
             )
         self.pid = self.proc.pid
 
@@ -316,8 +346,11 @@ class Server:
                 event = json.loads(line)
             except ValueError:
                 continue
-            if (isinstance(event, dict) and event.get("event") == "listening"
-                    and isinstance(event.get("port"), int)):
+            if (
+                isinstance(event, dict)
+                and event.get("event") == "listening"
+                and isinstance(event.get("port"), int)
+            ):
                 return int(event["port"])
         return None
 
@@ -340,24 +373,46 @@ class Settings:
 
 
 def loadgen_cmd(point: Point, port: int, s: Settings) -> list[str]:
-    return [str(LOADGEN), "--host", HOST, "--port", str(port),
-            "--connections", str(point.connections), "--line-size", str(point.line_size),
-            "--depth", str(point.depth), "--duration", str(s.duration),
-            "--warmup", str(s.warmup), "--grace", str(s.grace),
-            "--connect-timeout", str(s.connect_timeout)]
+    return [
+        str(LOADGEN),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--connections",
+        str(point.connections),
+        "--line-size",
+        str(point.line_size),
+        "--depth",
+        str(point.depth),
+        "--duration",
+        str(s.duration),
+        "--warmup",
+        str(s.warmup),
+        "--grace",
+        str(s.grace),
+        "--connect-timeout",
+        str(s.connect_timeout),
+    ]
 
 
-def start_loadgen(cmd: list[str], s: Settings, tag: str,
-                  stdin: int) -> tuple[subprocess.Popen[bytes], LineReader]:
+def start_loadgen(
+    cmd: list[str], s: Settings, tag: str, stdin: int
+) -> tuple[subprocess.Popen[bytes], LineReader]:
     with open(LOGS / f"{tag}.loadgen.stderr", "wb") as err:
-        proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=err,
-                                preexec_fn=child_setup(s.client_cpu), start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            preexec_fn=child_setup(s.client_cpu),
+            start_new_session=True,
+        )
     assert proc.stdout is not None
     return proc, LineReader(proc.stdout)
 
 
-def finish_loadgen(proc: subprocess.Popen[bytes], reader: LineReader,
-                   deadline: float) -> Record:
+def finish_loadgen(proc: subprocess.Popen[bytes], reader: LineReader, deadline: float) -> Record:
     """Read loadgen's JSON result, then reap it."""
     result: Record | None = None
     while (line := reader.readline(deadline)) is not None:
@@ -374,8 +429,7 @@ def finish_loadgen(proc: subprocess.Popen[bytes], reader: LineReader,
 
 def measure_load(point: Point, server: Server, port: int, s: Settings, tag: str) -> Record:
     proc, reader = start_loadgen(loadgen_cmd(point, port, s), s, tag, subprocess.DEVNULL)
-    deadline = (time.monotonic() + s.connect_timeout + s.warmup + s.duration + s.grace
-                + 10.0)
+    deadline = time.monotonic() + s.connect_timeout + s.warmup + s.duration + s.grace + 10.0
     rec: Record = {}
     try:
         # loadgen announces its measured window so server CPU covers exactly it.
@@ -385,9 +439,11 @@ def measure_load(point: Point, server: Server, port: int, s: Settings, tag: str)
                 rec["machine_busy_start_s"] = machine_busy_s()
             elif line == "window-end":
                 rec["server_cpu_s"] = proc_cpu_s(server.pid) - rec.get(
-                    "server_cpu_start_s", proc_cpu_s(server.pid))
+                    "server_cpu_start_s", proc_cpu_s(server.pid)
+                )
                 rec["machine_busy_s"] = machine_busy_s() - rec.get(
-                    "machine_busy_start_s", machine_busy_s())
+                    "machine_busy_start_s", machine_busy_s()
+                )
                 status = proc_status(server.pid)
                 rec["server_rss_kib_load"] = status.get("rss_kib")
                 rec["server_threads_load"] = status.get("threads")
@@ -404,8 +460,13 @@ def measure_load(point: Point, server: Server, port: int, s: Settings, tag: str)
     if "machine_busy_s" in rec and "server_cpu_s" in rec:
         # Whatever else ran during the window (other processes, the runner,
         # kernel threads): a large value means the figures are disturbed.
-        rec["other_cpu_s"] = max(0.0, rec["machine_busy_s"] - rec["server_cpu_s"]
-                                 - lg["client_cpu_user_s"] - lg["client_cpu_sys_s"])
+        rec["other_cpu_s"] = max(
+            0.0,
+            rec["machine_busy_s"]
+            - rec["server_cpu_s"]
+            - lg["client_cpu_user_s"]
+            - lg["client_cpu_sys_s"],
+        )
     return rec
 
 
@@ -416,8 +477,10 @@ def measure_idle(point: Point, server: Server, port: int, s: Settings, tag: str)
     cmd = [*loadgen_cmd(point, port, s), "--mode", "idle", "--hold", str(hold)]
     proc, reader = start_loadgen(cmd, s, tag, subprocess.PIPE)
     deadline = time.monotonic() + 2 * s.connect_timeout + 10.0
-    rec: Record = {"server_rss_kib_before": before.get("rss_kib"),
-                   "server_threads_before": before.get("threads")}
+    rec: Record = {
+        "server_rss_kib_before": before.get("rss_kib"),
+        "server_threads_before": before.get("threads"),
+    }
     try:
         line = reader.readline(deadline)
         if line != "ready":
@@ -450,8 +513,9 @@ def run_one(point: Point, spec: ServerSpec, rep: int, s: Settings) -> Record:
         measure = measure_idle if point.kind == "idle" else measure_load
         rec.update(measure(point, server, port, s, tag))
         if server.proc.poll() is not None:
-            raise RunError(f"server exited {server.proc.returncode} during the run: "
-                           f"{tail(server.err_path)}")
+            raise RunError(
+                f"server exited {server.proc.returncode} during the run: {tail(server.err_path)}"
+            )
     except Skipped as err:
         rec.update(status="skipped", error=str(err))
     except StartError as err:
@@ -477,9 +541,11 @@ def problems(rec: Record) -> list[str]:
     if rec["status"] != "ok":
         return [rec.get("error", "failed")]
     lg = rec["loadgen"]
-    found = [f"{lg[key]} {key.replace('_', ' ')}"
-             for key in ("connect_failures", "mismatches", "errors", "unanswered")
-             if lg[key]]
+    found = [
+        f"{lg[key]} {key.replace('_', ' ')}"
+        for key in ("connect_failures", "mismatches", "errors", "unanswered")
+        if lg[key]
+    ]
     # Lines echoed at any time (warm-up, window, drain): a starved server may
     # finish none inside a short window and still echo every byte.
     if lg["completed_total"] <= 0:
@@ -499,8 +565,10 @@ def notes(rec: Record) -> list[str]:
     if lg and lg["mode"] == "load" and lg["window_s"] > 0:
         client = (lg["client_cpu_user_s"] + lg["client_cpu_sys_s"]) / lg["window_s"]
         if client > CLIENT_BOUND_SHARE:
-            found.append(f"loadgen used over {CLIENT_BOUND_SHARE:.0%} of its core: "
-                         "the figure may be limited by the client")
+            found.append(
+                f"loadgen used over {CLIENT_BOUND_SHARE:.0%} of its core: "
+                "the figure may be limited by the client"
+            )
     return found
 
 
@@ -536,8 +604,10 @@ class Summary:
         return [float(r.get("other_cpu_s", 0.0)) for r in self.ok]
 
     def client_cpu(self) -> list[float]:
-        return [float(r["loadgen"]["client_cpu_user_s"] + r["loadgen"]["client_cpu_sys_s"])
-                for r in self.ok]
+        return [
+            float(r["loadgen"]["client_cpu_user_s"] + r["loadgen"]["client_cpu_sys_s"])
+            for r in self.ok
+        ]
 
 
 def summarize(records: list[Record]) -> dict[tuple[str, str], Summary]:
@@ -578,24 +648,39 @@ def machine_info() -> list[tuple[str, str]]:
         uvloop = "not installed"
     cc = "unknown"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        cc = subprocess.run(["cc", "--version"], capture_output=True, text=True,
-                            timeout=10).stdout.splitlines()[0]
+        cc = subprocess.run(
+            ["cc", "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.splitlines()[0]
     rev = "unknown"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO,
-                             capture_output=True, text=True, timeout=10)
+        git = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         rev = git.stdout.strip() or "no commits yet"
-    return [("CPUs (nproc)", str(os.cpu_count())), ("CPU model", cpu),
-            ("kernel", platform.release()), ("Python", platform.python_version()),
-            ("uvloop", uvloop), ("C compiler", cc), ("echod revision", rev)]
+    return [
+        ("CPUs (nproc)", str(os.cpu_count())),
+        ("CPU model", cpu),
+        ("kernel", platform.release()),
+        ("Python", platform.python_version()),
+        ("uvloop", uvloop),
+        ("C compiler", cc),
+        ("echod revision", rev),
+    ]
 
 
-def point_table(point: Point, servers: Sequence[str],
-                sums: dict[tuple[str, str], Summary]) -> list[str]:
-    rows = [f"| server | msgs/s (median) | spread (min{DASH}max) | echod ÷ this | p50 µs | p99 µs "
-            "| p99.9 µs | server CPU s (core %) | client CPU s (core %) | other CPU s "
-            "| problems |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+def point_table(
+    point: Point, servers: Sequence[str], sums: dict[tuple[str, str], Summary]
+) -> list[str]:
+    rows = [
+        f"| server | msgs/s (median) | spread (min{DASH}max) | echod ÷ this | p50 µs | p99 µs "
+        "| p99.9 µs | server CPU s (core %) | client CPU s (core %) | other CPU s "
+        "| problems |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     echod = sums.get((point.id, "echod"))
     echod_rate = med(echod.lg("messages_per_s")) if echod and echod.ok else None
     for name in servers:
@@ -616,12 +701,14 @@ def point_table(point: Point, servers: Sequence[str],
             f"| {ratio} | {med(sm.lg('p50_us')):,.0f} | {med(sm.lg('p99_us')):,.0f} "
             f"| {med(sm.lg('p99_9_us')):,.0f} "
             f"| {fmt_cpu(sm.field('server_cpu_s'), window)} "
-            f"| {fmt_cpu(sm.client_cpu(), window)} | {max(sm.other_cpu()):.2f} | {issues} |")
+            f"| {fmt_cpu(sm.client_cpu(), window)} | {max(sm.other_cpu()):.2f} | {issues} |"
+        )
     return rows
 
 
-def idle_table(points: Sequence[Point], servers: Sequence[str],
-               sums: dict[tuple[str, str], Summary]) -> list[str]:
+def idle_table(
+    points: Sequence[Point], servers: Sequence[str], sums: dict[tuple[str, str], Summary]
+) -> list[str]:
     head = "| server | RSS before (MiB) |"
     rule = "|---|---:|"
     for p in points:
@@ -641,17 +728,20 @@ def idle_table(points: Sequence[Point], servers: Sequence[str],
             per = sm.field("kib_per_conn")
             before += sm.field("server_rss_kib_before")
             if not per:
-                cells += ["skipped" if all(r["status"] == "skipped" for r in sm.runs)
-                          else "failed", ""]
+                cells += [
+                    "skipped" if all(r["status"] == "skipped" for r in sm.runs) else "failed",
+                    "",
+                ]
                 continue
             threads = sm.field("server_threads_hold")
-            cells += [f"{med(per):.1f} ({min(per):.1f}{DASH}{max(per):.1f})",
-                      f"{med(threads):.0f}" if threads else DASH]
+            cells += [
+                f"{med(per):.1f} ({min(per):.1f}{DASH}{max(per):.1f})",
+                f"{med(threads):.0f}" if threads else DASH,
+            ]
         if not any(cells):
             continue
         base = f"{med(before) / 1024:.1f}" if before else DASH
-        rows.append(f"| {name} | {base} | {' | '.join(cells)} | "
-                    f"{remarks(runs)} |")
+        rows.append(f"| {name} | {base} | {' | '.join(cells)} | {remarks(runs)} |")
     return rows
 
 
@@ -669,40 +759,65 @@ def results_markdown(data: Record) -> str:
     records: list[Record] = data["records"]
     s = Settings(**data["settings"])
     sums = summarize(records)
-    pin = (f"servers on CPU {s.server_cpu}, load generator on CPU {s.client_cpu}"
-           if s.server_cpu is not None else "not pinned (fewer than 2 CPUs usable)")
-    lines = [START_MARK,
-             "<!-- Generated by bench/run.py; edits between these markers are overwritten. -->",
-             "", f"Measured {data.get('finished', 'at an unrecorded time')} by:", "",
-             "```sh", data["command"], "```", "",
-             f"Each point ran {data['repeat']} times per server, servers interleaved; "
-             f"each run measures a {s.duration:g} s window after a {s.warmup:g} s warm-up, "
-             "on a freshly started server. Servers:", "",
-             *[f"- {name}: `{display_cmd(cmd)}`" for name, cmd in cmds.items()], "",
-             "### Machine", "", "| | |", "|---|---|"]
+    pin = (
+        f"servers on CPU {s.server_cpu}, load generator on CPU {s.client_cpu}"
+        if s.server_cpu is not None
+        else "not pinned (fewer than 2 CPUs usable)"
+    )
+    lines = [
+        START_MARK,
+        "<!-- Generated by bench/run.py; edits between these markers are overwritten. -->",
+        "",
+        f"Measured {data.get('finished', 'at an unrecorded time')} by:",
+        "",
+        "```sh",
+        data["command"],
+        "```",
+        "",
+        f"Each point ran {data['repeat']} times per server, servers interleaved; "
+        f"each run measures a {s.duration:g} s window after a {s.warmup:g} s warm-up, "
+        "on a freshly started server. Servers:",
+        "",
+        *[f"- {name}: `{display_cmd(cmd)}`" for name, cmd in cmds.items()],
+        "",
+        "### Machine",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v} |" for k, v in data["machine"].items()]
-    lines += [f"| pinning | {pin} |", "",
-              "**How to read the tables.** *msgs/s* = echoed lines per second (median "
-              f"of the runs; *spread* = slowest{DASH}fastest run). *echod ÷ this* = echod's "
-              "median msgs/s divided by this server's: above 1 means echod is faster. "
-              "Latencies are per-line round trips seen by the client (median over runs "
-              "of each run's percentile). CPU = seconds used during the window "
-              "(share of one core in brackets); the client's system time includes the "
-              "loopback TCP work the kernel does on its behalf. *other CPU* = the "
-              "largest CPU time used by anything else during a run's window (other "
-              "processes, kernel threads): if it is large the figures are disturbed. "
-              "*problems* lists "
-              "connect failures, mismatched echoes, resets/closes and unanswered lines "
-              "(should be none).", ""]
+    lines += [
+        f"| pinning | {pin} |",
+        "",
+        "**How to read the tables.** *msgs/s* = echoed lines per second (median "
+        f"of the runs; *spread* = slowest{DASH}fastest run). *echod ÷ this* = echod's "
+        "median msgs/s divided by this server's: above 1 means echod is faster. "
+        "Latencies are per-line round trips seen by the client (median over runs "
+        "of each run's percentile). CPU = seconds used during the window "
+        "(share of one core in brackets); the client's system time includes the "
+        "loopback TCP work the kernel does on its behalf. *other CPU* = the "
+        "largest CPU time used by anything else during a run's window (other "
+        "processes, kernel threads): if it is large the figures are disturbed. "
+        "*problems* lists "
+        "connect failures, mismatched echoes, resets/closes and unanswered lines "
+        "(should be none).",
+        "",
+    ]
     for p in points:
         if p.kind == "load":
             lines += [f"### {p.title}", "", *point_table(p, servers, sums), ""]
     idle = [p for p in points if p.kind == "idle"]
     if idle:
-        lines += ["### Idle memory per connection", "",
-                  "Server RSS (VmRSS) while holding N connections that have each echoed "
-                  "one line, minus RSS of the same fresh server before any connection, "
-                  "divided by N.", "", *idle_table(idle, servers, sums), ""]
+        lines += [
+            "### Idle memory per connection",
+            "",
+            "Server RSS (VmRSS) while holding N connections that have each echoed "
+            "one line, minus RSS of the same fresh server before any connection, "
+            "divided by N.",
+            "",
+            *idle_table(idle, servers, sums),
+            "",
+        ]
     if DOCS_PNG.exists():
         lines += [f"![msgs/s per server and point]({DOCS_PNG.name})", ""]
     lines.append(END_MARK)
@@ -731,7 +846,7 @@ def write_markdown(block: str) -> None:
     text = DOCS_MD.read_text() if DOCS_MD.exists() else DOC_TEMPLATE
     start, end = text.find(START_MARK), text.find(END_MARK)
     if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(END_MARK):]
+        text = text[:start] + block + text[end + len(END_MARK) :]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     DOCS_MD.write_text(text)
@@ -749,8 +864,10 @@ def write_plot(points: Sequence[Point], servers: Sequence[str], records: list[Re
     sums = summarize(records)
     load = [p for p in points if p.kind == "load"]
     idle = [p for p in points if p.kind == "idle"]
-    panels = [(load, "messages_per_s", f"echoed lines per second (median, min{DASH}max bars)"),
-              (idle, "kib_per_conn", "idle RSS per connection (KiB)")]
+    panels = [
+        (load, "messages_per_s", f"echoed lines per second (median, min{DASH}max bars)"),
+        (idle, "kib_per_conn", "idle RSS per connection (KiB)"),
+    ]
     panels = [pn for pn in panels if pn[0]]
     if not panels:
         return False
@@ -818,42 +935,73 @@ def pick(names: str | None, table: Sequence[str], what: str) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true",
-                    help="quick correctness run for CI (exit 1 unless every byte echoed)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="quick correctness run for CI (exit 1 unless every byte echoed)",
+    )
     ap.add_argument("--servers", help="comma-separated subset of servers (see --list)")
     ap.add_argument("--points", help="comma-separated subset of points (see --list)")
     ap.add_argument("--list", action="store_true", help="list servers and points, then exit")
     ap.add_argument("--repeat", type=int, help="runs per point and server (default 2; smoke 1)")
     ap.add_argument("--duration", type=float, help="measured window, s (default 3; smoke 0.5)")
-    ap.add_argument("--warmup", type=float, help="warm-up before the window, s (default 1; "
-                    "smoke 0.2)")
-    ap.add_argument("--grace", type=float,
-                    help="bound on collecting outstanding echoes after the window, s; a "
-                    "healthy server needs milliseconds (default 5; smoke 10)")
-    ap.add_argument("--connect-timeout", type=float, default=15.0,
-                    help="bound on opening all connections of a point, s (default 15)")
-    ap.add_argument("--idle-settle", type=float,
-                    help="wait before sampling RSS of idle connections, s (default 1; "
-                    "smoke 0.2)")
-    ap.add_argument("--retry-disturbed", type=int, default=2, metavar="N",
-                    help="re-measure a run up to N times when other work used over "
-                    f"{DISTURBED_SHARE * 100:.0f}%% of a core during its window; keep the least "
-                    "disturbed (default 2; smoke 0)")
+    ap.add_argument(
+        "--warmup", type=float, help="warm-up before the window, s (default 1; smoke 0.2)"
+    )
+    ap.add_argument(
+        "--grace",
+        type=float,
+        help="bound on collecting outstanding echoes after the window, s; a "
+        "healthy server needs milliseconds (default 5; smoke 10)",
+    )
+    ap.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=15.0,
+        help="bound on opening all connections of a point, s (default 15)",
+    )
+    ap.add_argument(
+        "--idle-settle",
+        type=float,
+        help="wait before sampling RSS of idle connections, s (default 1; smoke 0.2)",
+    )
+    ap.add_argument(
+        "--retry-disturbed",
+        type=int,
+        default=2,
+        metavar="N",
+        help="re-measure a run up to N times when other work used over "
+        f"{DISTURBED_SHARE * 100:.0f}%% of a core during its window; keep the least "
+        "disturbed (default 2; smoke 0)",
+    )
     ap.add_argument("--server-cpu", type=int, default=1, help="CPU for servers (default 1)")
     ap.add_argument("--client-cpu", type=int, default=0, help="CPU for loadgen (default 0)")
-    ap.add_argument("--echod-cmd", default=DEFAULT_ECHOD_CMD,
-                    help="command that starts echod in the foreground on a free port and "
-                    "logs a JSON 'listening' event with the port to stderr "
-                    "(echod-quiet appends --log-level warning)")
-    ap.add_argument("--out", type=Path,
-                    help="raw results file (default bench/out/results.json; smoke: "
-                    "bench/out/smoke.json)")
-    ap.add_argument("--report-only", type=Path, metavar="RESULTS_JSON",
-                    help="only regenerate docs/benchmarks.{md,png} from a results file")
-    ap.add_argument("--no-docs", action="store_true",
-                    help="do not write docs/benchmarks.md and docs/benchmarks.png")
+    ap.add_argument(
+        "--echod-cmd",
+        default=DEFAULT_ECHOD_CMD,
+        help="command that starts echod in the foreground on a free port and "
+        "logs a JSON 'listening' event with the port to stderr "
+        "(echod-quiet appends --log-level warning)",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help="raw results file (default bench/out/results.json; smoke: bench/out/smoke.json)",
+    )
+    ap.add_argument(
+        "--report-only",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="only regenerate docs/benchmarks.{md,png} from a results file",
+    )
+    ap.add_argument(
+        "--no-docs",
+        action="store_true",
+        help="do not write docs/benchmarks.md and docs/benchmarks.png",
+    )
     return ap.parse_args(argv)
 
 
@@ -883,25 +1031,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     usable = os.sched_getaffinity(0)
     pinned = {args.server_cpu, args.client_cpu} <= usable and args.server_cpu != args.client_cpu
     if not pinned:
-        print(f"warning: CPUs {args.server_cpu}/{args.client_cpu} not both usable "
-              f"({sorted(usable)}): running unpinned", file=sys.stderr)
+        print(
+            f"warning: CPUs {args.server_cpu}/{args.client_cpu} not both usable "
+            f"({sorted(usable)}): running unpinned",
+            file=sys.stderr,
+        )
     s = Settings(
         duration=args.duration if args.duration is not None else (0.5 if smoke else 3.0),
         warmup=args.warmup if args.warmup is not None else (0.2 if smoke else 1.0),
         grace=args.grace if args.grace is not None else (10.0 if smoke else 5.0),
         connect_timeout=args.connect_timeout,
-        idle_settle=args.idle_settle if args.idle_settle is not None
-        else (0.2 if smoke else 1.0),
+        idle_settle=args.idle_settle if args.idle_settle is not None else (0.2 if smoke else 1.0),
         server_cpu=args.server_cpu if pinned else None,
         client_cpu=args.client_cpu if pinned else None,
     )
     busy0 = machine_busy_s()
     time.sleep(0.5)
     if (busy := (machine_busy_s() - busy0) / 0.5) > 0.25:
-        print(f"warning: the machine is already busy ({busy:.1f} CPUs in use): "
-              "figures will be disturbed", file=sys.stderr)
-    command = shlex.join(["python", "bench/run.py", *(argv if argv is not None
-                                                      else sys.argv[1:])])
+        print(
+            f"warning: the machine is already busy ({busy:.1f} CPUs in use): "
+            "figures will be disturbed",
+            file=sys.stderr,
+        )
+    command = shlex.join(["python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])])
     build_loadgen()
     machine = dict(machine_info())
     if LOGS.is_dir():  # logs of the previous run would only confuse
@@ -922,12 +1074,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             shift = (rep - 1) % len(servers)
             for name in servers[shift:] + servers[:shift]:
                 n += 1
-                print(f"[{n}/{total}] {point.label} {name} rep {rep} ... ", end="",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[{n}/{total}] {point.label} {name} rep {rep} ... ",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 if name in unavailable:
                     prev = unavailable[name]
-                    rec = {"point": point.id, "server": name, "rep": rep,
-                           "status": prev["status"], "error": f"not run: {prev['error']}"}
+                    rec = {
+                        "point": point.id,
+                        "server": name,
+                        "rep": rep,
+                        "status": prev["status"],
+                        "error": f"not run: {prev['error']}",
+                    }
                 else:
                     rec = run_one(point, table[name], rep, s)
                     if rec["status"] == "skipped" or rec.get("start_failed"):
@@ -936,31 +1097,47 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for attempt in range(2, retries + 2):
                         if not disturbed(latest):
                             break
-                        print(f"{progress_note(latest)}; disturbed (other CPU "
-                              f"{latest['other_cpu_s']:.2f} s), attempt {attempt} ... ", end="",
-                              file=sys.stderr, flush=True)
+                        print(
+                            f"{progress_note(latest)}; disturbed (other CPU "
+                            f"{latest['other_cpu_s']:.2f} s), attempt {attempt} ... ",
+                            end="",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                         latest = run_one(point, table[name], rep, s)
                         latest["attempt"] = attempt
-                        if latest["status"] != "ok" or (latest.get("other_cpu_s", 0.0)
-                                                        < rec.get("other_cpu_s", 0.0)):
+                        if latest["status"] != "ok" or (
+                            latest.get("other_cpu_s", 0.0) < rec.get("other_cpu_s", 0.0)
+                        ):
                             rec = latest  # a failure always surfaces
                     if latest is not rec:
-                        print(f"{progress_note(latest)}; keeping attempt "
-                              f"{rec.get('attempt', 1)} ... ", end="", file=sys.stderr)
+                        print(
+                            f"{progress_note(latest)}; keeping attempt "
+                            f"{rec.get('attempt', 1)} ... ",
+                            end="",
+                            file=sys.stderr,
+                        )
                 records.append(rec)
                 print(progress_note(rec), file=sys.stderr, flush=True)
 
     out = args.out or OUT / ("smoke.json" if smoke else "results.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     data: Record = {
-        "command": command, "finished": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "settings": s.__dict__, "repeat": repeat, "machine": machine,
+        "command": command,
+        "finished": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "settings": s.__dict__,
+        "repeat": repeat,
+        "machine": machine,
         "points": [p.__dict__ for p in points],
-        "servers": {name: list(table[name].cmd) for name in servers}, "records": records,
+        "servers": {name: list(table[name].cmd) for name in servers},
+        "records": records,
     }
     out.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"raw results: {out.relative_to(REPO) if out.is_relative_to(REPO) else out} "
-          f"({time.monotonic() - started:.0f} s)", file=sys.stderr)
+    print(
+        f"raw results: {out.relative_to(REPO) if out.is_relative_to(REPO) else out} "
+        f"({time.monotonic() - started:.0f} s)",
+        file=sys.stderr,
+    )
 
     if not smoke and not args.no_docs:
         write_report(data)
@@ -981,8 +1158,11 @@ def progress_note(rec: Record) -> str:
         return f"{rec['status']}: {rec.get('error', '')}"
     lg = rec["loadgen"]
     issues = problems(rec) + notes(rec)
-    note = (f"{rec['kib_per_conn']:.1f} KiB/conn" if "kib_per_conn" in rec
-            else f"{lg['messages_per_s']:,.0f} msg/s")
+    note = (
+        f"{rec['kib_per_conn']:.1f} KiB/conn"
+        if "kib_per_conn" in rec
+        else f"{lg['messages_per_s']:,.0f} msg/s"
+    )
     return note + (f"  [{'; '.join(issues)}]" if issues else "")
 
 

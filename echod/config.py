@@ -120,56 +120,146 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("host", "--host", "address to listen on (IPv4, IPv6 such as ::1, or a name)",
-           DEFAULT_HOST, _host, metavar="ADDR"),
-    Option("port", "--port", "TCP port to listen on; 0 picks a free port",
-           DEFAULT_PORT, _int_range(0, 65535)),
-    Option("max_line", "--max-line", "longest line in bytes, before its line ending",
-           1024, _int_range(1, 1 << 20), metavar="BYTES"),
-    Option("foreground", "--foreground", "stay attached to the terminal and log to stderr",
-           False, flag_only=True),
-    Option("console", "--console",
-           "read operator commands from stdin (default: on when --foreground and stdin is a TTY)",
-           None, flag_only=True, negatable=True),
-    Option("chat", "--chat", "also relay each client's lines to every other client",
-           False, flag_only=True),
-    Option("log_level", "--log-level", "least severe event to log", "info", _log_level,
-           metavar="LEVEL"),
-    Option("log_format", "--log-format",
-           "console (colours on a TTY) or json; default: console on a TTY, json otherwise",
-           "auto", choices=("auto", "console", "json")),
-    Option("log_file", "--log-file",
-           "log file when detached (JSON lines; SIGHUP reopens it); "
-           "default /var/log/echod/echod.log for root, ~/.local/state/echod/echod.log otherwise",
-           None, _path, metavar="PATH"),
-    Option("pidfile", "--pidfile",
-           "pidfile, locked while echod runs; default when detached: "
-           "/run/echod/echod.pid for root, $XDG_RUNTIME_DIR/echod/echod.pid otherwise",
-           None, _path, metavar="PATH"),
-    Option("control_socket", "--control-socket",
-           "operator control socket, or 'none'; default /run/echod/control.sock for root, "
-           "$XDG_RUNTIME_DIR/echod/control.sock otherwise",
-           None, _optional_path, metavar="PATH|none"),
-    Option("user", "--user", "when started as root: user to run as after binding", None,
-           metavar="NAME"),
-    Option("group", "--group", "when started as root: group to run as after binding", None,
-           metavar="NAME"),
-    Option("max_clients", "--max-clients", "most clients connected at once; more are refused",
-           1000, _int_range(1), metavar="N"),
-    Option("idle_timeout", "--idle-timeout",
-           "close a client silent this many seconds (0 = never)", 300.0, _seconds(True),
-           metavar="SECONDS"),
-    Option("line_timeout", "--line-timeout",
-           "close a client whose unfinished line is this old (0 = never)", 60.0,
-           _seconds(True), metavar="SECONDS"),
-    Option("send_timeout", "--send-timeout",
-           "drop a client that cannot take its bytes within this many seconds", 10.0,
-           _seconds(False), metavar="SECONDS"),
-    Option("shutdown_timeout", "--shutdown-timeout",
-           "longest a graceful stop waits for clients to be closed", 5.0, _seconds(False),
-           metavar="SECONDS"),
-    Option("backlog", "--backlog", "listen backlog (the kernel caps it at net.core.somaxconn)",
-           4096, _int_range(1, 65535), metavar="N"),
+    Option(
+        "host",
+        "--host",
+        "address to listen on (IPv4, IPv6 such as ::1, or a name)",
+        DEFAULT_HOST,
+        _host,
+        metavar="ADDR",
+    ),
+    Option(
+        "port",
+        "--port",
+        "TCP port to listen on; 0 picks a free port",
+        DEFAULT_PORT,
+        _int_range(0, 65535),
+    ),
+    Option(
+        "max_line",
+        "--max-line",
+        "longest line in bytes, before its line ending",
+        1024,
+        _int_range(1, 1 << 20),
+        metavar="BYTES",
+    ),
+    Option(
+        "foreground",
+        "--foreground",
+        "stay attached to the terminal and log to stderr",
+        False,
+        flag_only=True,
+    ),
+    Option(
+        "console",
+        "--console",
+        "read operator commands from stdin (default: on when --foreground and stdin is a TTY)",
+        None,
+        flag_only=True,
+        negatable=True,
+    ),
+    Option(
+        "chat",
+        "--chat",
+        "also relay each client's lines to every other client",
+        False,
+        flag_only=True,
+    ),
+    Option(
+        "log_level", "--log-level", "least severe event to log", "info", _log_level, metavar="LEVEL"
+    ),
+    Option(
+        "log_format",
+        "--log-format",
+        "console (colours on a TTY) or json; default: console on a TTY, json otherwise",
+        "auto",
+        choices=("auto", "console", "json"),
+    ),
+    Option(
+        "log_file",
+        "--log-file",
+        "log file when detached (JSON lines; SIGHUP reopens it); "
+        "default /var/log/echod/echod.log for root, ~/.local/state/echod/echod.log otherwise",
+        None,
+        _path,
+        metavar="PATH",
+    ),
+    Option(
+        "pidfile",
+        "--pidfile",
+        "pidfile, locked while echod runs; default when detached: "
+        "/run/echod/echod.pid for root, $XDG_RUNTIME_DIR/echod/echod.pid otherwise",
+        None,
+        _path,
+        metavar="PATH",
+    ),
+    Option(
+        "control_socket",
+        "--control-socket",
+        "operator control socket, or 'none'; default /run/echod/control.sock for root, "
+        "$XDG_RUNTIME_DIR/echod/control.sock otherwise",
+        None,
+        _optional_path,
+        metavar="PATH|none",
+    ),
+    Option(
+        "user", "--user", "when started as root: user to run as after binding", None, metavar="NAME"
+    ),
+    Option(
+        "group",
+        "--group",
+        "when started as root: group to run as after binding",
+        None,
+        metavar="NAME",
+    ),
+    Option(
+        "max_clients",
+        "--max-clients",
+        "most clients connected at once; more are refused",
+        1000,
+        _int_range(1),
+        metavar="N",
+    ),
+    Option(
+        "idle_timeout",
+        "--idle-timeout",
+        "close a client silent this many seconds (0 = never)",
+        300.0,
+        _seconds(True),
+        metavar="SECONDS",
+    ),
+    Option(
+        "line_timeout",
+        "--line-timeout",
+        "close a client whose unfinished line is this old (0 = never)",
+        60.0,
+        _seconds(True),
+        metavar="SECONDS",
+    ),
+    Option(
+        "send_timeout",
+        "--send-timeout",
+        "drop a client that cannot take its bytes within this many seconds",
+        10.0,
+        _seconds(False),
+        metavar="SECONDS",
+    ),
+    Option(
+        "shutdown_timeout",
+        "--shutdown-timeout",
+        "longest a graceful stop waits for clients to be closed",
+        5.0,
+        _seconds(False),
+        metavar="SECONDS",
+    ),
+    Option(
+        "backlog",
+        "--backlog",
+        "listen backlog (the kernel caps it at net.core.somaxconn)",
+        4096,
+        _int_range(1, 65535),
+        metavar="N",
+    ),
 )
 
 
@@ -211,15 +301,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest = opt.name
         if opt.flag_only:
             action: Any = argparse.BooleanOptionalAction if opt.negatable else "store_true"
-            parser.add_argument(opt.flag, dest=dest, action=action, default=opt.default,
-                                help=opt.help)
+            parser.add_argument(
+                opt.flag, dest=dest, action=action, default=opt.default, help=opt.help
+            )
             continue
         default = opt.default
         if opt.name == "control_socket":
             default = _UNSET_CONTROL  # "not given" differs from "none"
         shown = f" (default: {opt.default})" if opt.default is not None else ""
-        parser.add_argument(opt.flag, dest=dest, type=opt.type or str, default=default,
-                            choices=opt.choices, metavar=opt.metavar, help=opt.help + shown)
+        parser.add_argument(
+            opt.flag,
+            dest=dest,
+            type=opt.type or str,
+            default=default,
+            choices=opt.choices,
+            metavar=opt.metavar,
+            help=opt.help + shown,
+        )
 
 
 def settings_from_namespace(ns: argparse.Namespace) -> Settings:

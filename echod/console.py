@@ -131,8 +131,13 @@ def strip_eol(line: str) -> str:
 class Commands(Generic[T]):
     """The operator command interpreter; see the module docstring."""
 
-    def __init__(self, registry: Registry[T], settings: Settings,
-                 stop: Callable[[], None], log: Logger | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry[T],
+        settings: Settings,
+        stop: Callable[[], None],
+        log: Logger | None = None,
+    ) -> None:
         self.registry = registry
         self.settings = settings
         self.stop = stop
@@ -170,12 +175,14 @@ class Commands(Generic[T]):
                 raise CommandError(f"unknown command {_show('/' + name)} (try /help)")
             answer = handler(rest)
         except CommandError as err:
-            self.log.info("operator_command", command=name if handler else "unknown", ok=False,
-                          error=str(err))
+            self.log.info(
+                "operator_command", command=name if handler else "unknown", ok=False, error=str(err)
+            )
             return f"ERR {err}"
         except Exception as err:  # a bug must not kill the console or the session
-            self.log.error("operator_command_failed", command=name, error=type(err).__name__,
-                           detail=str(err))
+            self.log.error(
+                "operator_command_failed", command=name, error=type(err).__name__, detail=str(err)
+            )
             return "ERR internal error (see the log)"
         return answer
 
@@ -194,8 +201,7 @@ class Commands(Generic[T]):
             raise CommandError("text must be one line (no CR or LF)")
         data = encode(text)
         if len(data) > self.settings.max_line:
-            raise CommandError(
-                f"text too long ({len(data)} bytes, max {self.settings.max_line})")
+            raise CommandError(f"text too long ({len(data)} bytes, max {self.settings.max_line})")
         return protocol.server_says(data)
 
     def _client(self, word: str, usage: str) -> T:
@@ -222,16 +228,26 @@ class Commands(Generic[T]):
         line = self._text(text, usage)
         if not client.push(line):
             raise CommandError(f"client {client.id} is disconnecting")
-        self.log.info("operator_command", command="send", ok=True, client=client.id,
-                      text_bytes=len(line) - len(protocol.server_says(b"")))
+        self.log.info(
+            "operator_command",
+            command="send",
+            ok=True,
+            client=client.id,
+            text_bytes=len(line) - len(protocol.server_says(b"")),
+        )
         return f"OK sent to client {client.id}"
 
     def _broadcast(self, rest: str) -> str:
         line = self._text(rest, "/broadcast TEXT")
         clients = self.registry.snapshot()  # the lock is released before any send
         delivered = sum(1 for client in clients if client.push(line))
-        self.log.info("operator_command", command="broadcast", ok=True, clients=delivered,
-                      text_bytes=len(line) - len(protocol.server_says(b"")))
+        self.log.info(
+            "operator_command",
+            command="broadcast",
+            ok=True,
+            clients=delivered,
+            text_bytes=len(line) - len(protocol.server_says(b"")),
+        )
         return f"OK sent to {delivered} client{'s' if delivered != 1 else ''}"
 
     def _list(self, rest: str) -> str:
@@ -256,8 +272,13 @@ class Commands(Generic[T]):
         last = self._text(reason, usage) if reason else None
         if not client.end(last, "kicked"):
             raise CommandError(f"client {client.id} is already disconnecting")
-        self.log.info("operator_command", command="kick", ok=True, client=client.id,
-                      with_reason=last is not None)
+        self.log.info(
+            "operator_command",
+            command="kick",
+            ok=True,
+            client=client.id,
+            with_reason=last is not None,
+        )
         return f"OK kicked client {client.id}"
 
     def _stats(self, rest: str) -> str:
@@ -265,24 +286,26 @@ class Commands(Generic[T]):
         s = self.registry.stats()
         cfg = self.settings
         self.log.info("operator_command", command="stats", ok=True)
-        return "\n".join([
-            "OK stats",
-            f"connected={s.connected}",
-            f"max_clients={cfg.max_clients}",
-            f"total_accepted={s.total_accepted}",
-            f"rejected={s.rejected}",
-            f"lines_in={s.lines_in}",
-            f"lines_out={s.lines_out}",
-            f"bytes_in={s.bytes_in}",
-            f"bytes_out={s.bytes_out}",
-            f"uptime={s.uptime:.1f}s",
-            f"max_line={cfg.max_line}",
-            f"idle_timeout={cfg.idle_timeout:g}s",
-            f"line_timeout={cfg.line_timeout:g}s",
-            f"send_timeout={cfg.send_timeout:g}s",
-            f"shutdown_timeout={cfg.shutdown_timeout:g}s",
-            f"backlog={cfg.backlog}",
-        ])
+        return "\n".join(
+            [
+                "OK stats",
+                f"connected={s.connected}",
+                f"max_clients={cfg.max_clients}",
+                f"total_accepted={s.total_accepted}",
+                f"rejected={s.rejected}",
+                f"lines_in={s.lines_in}",
+                f"lines_out={s.lines_out}",
+                f"bytes_in={s.bytes_in}",
+                f"bytes_out={s.bytes_out}",
+                f"uptime={s.uptime:.1f}s",
+                f"max_line={cfg.max_line}",
+                f"idle_timeout={cfg.idle_timeout:g}s",
+                f"line_timeout={cfg.line_timeout:g}s",
+                f"send_timeout={cfg.send_timeout:g}s",
+                f"shutdown_timeout={cfg.shutdown_timeout:g}s",
+                f"backlog={cfg.backlog}",
+            ]
+        )
 
     def _help(self, rest: str) -> str:
         self.log.info("operator_command", command="help", ok=True)
@@ -316,7 +339,7 @@ class CommandLines:
             if self._skipping:
                 self._skipping = False
             else:  # however the bytes were cut up, a long line is refused the same way
-                lines.append(buf[start:nl + 1] if nl - start <= self.cap else None)
+                lines.append(buf[start : nl + 1] if nl - start <= self.cap else None)
             start = nl + 1
         buf = buf[start:]
         if self._skipping:
@@ -335,8 +358,9 @@ class CommandLines:
 
 def commands_for(service: Operated, log: Logger) -> Commands[Any]:
     """The interpreter wired to a running service."""
-    return Commands(service.registry, service.settings,
-                    lambda: service.request_stop("operator"), log)
+    return Commands(
+        service.registry, service.settings, lambda: service.request_stop("operator"), log
+    )
 
 
 class StdinConsole:
@@ -385,8 +409,10 @@ class StdinConsole:
         self.log.info("console_started")
         try:
             if os.isatty(self._in):
-                self._print("echod console: /help lists commands; other lines are broadcast; "
-                            "Ctrl-D ends the console, Ctrl-C stops echod")
+                self._print(
+                    "echod console: /help lists commands; other lines are broadcast; "
+                    "Ctrl-D ends the console, Ctrl-C stops echod"
+                )
             self._loop()
         except OSError as err:  # stdin or stdout unusable
             self.log.warning("console_error", detail=err.strerror or str(err))
@@ -397,8 +423,7 @@ class StdinConsole:
         lines = CommandLines(commands.max_command)
         while data := self._read():
             for line in lines.feed(data):
-                self._print(commands.too_long() if line is None else
-                            commands.execute(decode(line)))
+                self._print(commands.too_long() if line is None else commands.execute(decode(line)))
         last = lines.end()
         if last is not None:
             self._print(commands.execute(decode(last)))
@@ -408,4 +433,4 @@ class StdinConsole:
             return
         data = encode(text + "\n")
         while data:
-            data = data[os.write(self._out, data):]
+            data = data[os.write(self._out, data) :]

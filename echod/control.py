@@ -81,8 +81,14 @@ class ControlServer:
     problem; :meth:`start` serves; :meth:`close` stops and removes the file.
     """
 
-    def __init__(self, path: Path, service: Operated, *, max_sessions: int = MAX_SESSIONS,
-                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+    def __init__(
+        self,
+        path: Path,
+        service: Operated,
+        *,
+        max_sessions: int = MAX_SESSIONS,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
         self.path = Path(path)
         self.service = service
         self.max_sessions = max_sessions
@@ -94,8 +100,9 @@ class ControlServer:
         self._accept_failed_at = 0.0  # rate-limits control_accept_failed (monotonic)
         self._thread: threading.Thread | None = None
         if len(os.fsencode(self.path)) > SUN_PATH_MAX:
-            raise StartupError(f"control socket path {self.path} is too long "
-                               f"(at most {SUN_PATH_MAX} bytes)")
+            raise StartupError(
+                f"control socket path {self.path} is too long (at most {SUN_PATH_MAX} bytes)"
+            )
         _private_dir(self.path.parent)
         self._remove_stale()
         self._sock = self._bind()
@@ -114,8 +121,9 @@ class ControlServer:
         except OSError as err:
             raise StartupError(f"cannot use control socket {path}: {err.strerror}") from None
         if not stat.S_ISSOCK(st.st_mode):
-            raise StartupError(f"{path} exists and is not a socket; remove it or choose "
-                               "another --control-socket")
+            raise StartupError(
+                f"{path} exists and is not a socket; remove it or choose another --control-socket"
+            )
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.settimeout(PROBE_TIMEOUT)
         try:
@@ -123,8 +131,10 @@ class ControlServer:
         except (ConnectionRefusedError, FileNotFoundError):
             pass  # nobody listens: a leftover of an echod that did not exit cleanly
         except TimeoutError:
-            raise StartupError(f"another echod is already listening on control socket {path}"
-                               " (it did not answer in time)") from None
+            raise StartupError(
+                f"another echod is already listening on control socket {path}"
+                " (it did not answer in time)"
+            ) from None
         except OSError as err:
             raise StartupError(f"cannot check control socket {path}: {err.strerror}") from None
         else:
@@ -136,8 +146,9 @@ class ControlServer:
         except FileNotFoundError:
             pass
         except OSError as err:
-            raise StartupError(f"cannot remove stale control socket {path}: "
-                               f"{err.strerror}") from None
+            raise StartupError(
+                f"cannot remove stale control socket {path}: {err.strerror}"
+            ) from None
         self.log.info("control_socket_stale_removed", path=str(path))
 
     def _bind(self) -> socket.socket:
@@ -149,15 +160,15 @@ class ControlServer:
             sock.listen(16)
         except OSError as err:
             sock.close()
-            raise StartupError(f"cannot listen on control socket {self.path}: "
-                               f"{err.strerror or err}") from None
+            raise StartupError(
+                f"cannot listen on control socket {self.path}: {err.strerror or err}"
+            ) from None
         return sock
 
     # -- serving ---------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._accept_loop, name="echod-control",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._accept_loop, name="echod-control", daemon=True)
         self._thread.start()
 
     def _accept_loop(self) -> None:
@@ -186,21 +197,29 @@ class ControlServer:
 
     def _admit(self, conn: socket.socket) -> None:
         pid, uid, gid = _PEERCRED.unpack(
-            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )
         if uid not in (os.geteuid(), 0):
-            self.log.warning("control_refused", reason="permission_denied", uid=uid, gid=gid,
-                             pid=pid)
+            self.log.warning(
+                "control_refused", reason="permission_denied", uid=uid, gid=gid, pid=pid
+            )
             _refuse(conn, "permission denied")
             return
-        thread = threading.Thread(target=self._session, args=(conn, pid, uid),
-                                  name=f"echod-operator-{pid}", daemon=True)
+        thread = threading.Thread(
+            target=self._session, args=(conn, pid, uid), name=f"echod-operator-{pid}", daemon=True
+        )
         with self._lock:
             admitted = len(self._sessions) < self.max_sessions and not self._closed
             if admitted:
                 self._sessions[conn] = thread
         if not admitted:
-            self.log.warning("control_refused", reason="too_many_sessions", uid=uid, pid=pid,
-                             max_sessions=self.max_sessions)
+            self.log.warning(
+                "control_refused",
+                reason="too_many_sessions",
+                uid=uid,
+                pid=pid,
+                max_sessions=self.max_sessions,
+            )
             _refuse(conn, f"too many operator sessions (max {self.max_sessions})")
             return
         thread.start()
@@ -236,8 +255,10 @@ class ControlServer:
                 conn.sendall(b"ERR idle timeout, closing\n\n")
                 return "idle_timeout"
             if data:
-                answers = [commands.too_long() if line is None else commands.execute(decode(line))
-                           for line in lines.feed(data)]
+                answers = [
+                    commands.too_long() if line is None else commands.execute(decode(line))
+                    for line in lines.feed(data)
+                ]
             else:  # end of input: a last command may lack its newline
                 last = lines.end()
                 answers = [] if last is None else [commands.execute(decode(last))]
@@ -284,11 +305,13 @@ class ControlServer:
         except FileNotFoundError:
             pass
         except PermissionError:  # created as root, then --user dropped the right to remove it
-            self.log.info("control_socket_left", path=str(self.path),
-                          detail="no permission to remove it; the next start replaces it")
+            self.log.info(
+                "control_socket_left",
+                path=str(self.path),
+                detail="no permission to remove it; the next start replaces it",
+            )
         except OSError as err:
-            self.log.warning("control_socket_not_removed", path=str(self.path),
-                             detail=err.strerror)
+            self.log.warning("control_socket_not_removed", path=str(self.path), detail=err.strerror)
 
 
 def _private_dir(directory: Path) -> None:
@@ -301,21 +324,26 @@ def _private_dir(directory: Path) -> None:
     except FileExistsError:
         pass
     except OSError as err:
-        raise StartupError(f"cannot create control socket directory {directory}: "
-                           f"{err.strerror}") from None
+        raise StartupError(
+            f"cannot create control socket directory {directory}: {err.strerror}"
+        ) from None
     try:
         st = os.stat(directory)
     except OSError as err:
-        raise StartupError(f"cannot use control socket directory {directory}: "
-                           f"{err.strerror}") from None
+        raise StartupError(
+            f"cannot use control socket directory {directory}: {err.strerror}"
+        ) from None
     if not stat.S_ISDIR(st.st_mode):
         raise StartupError(f"control socket directory {directory} is not a directory")
     if st.st_uid not in (os.geteuid(), 0):
-        raise StartupError(f"control socket directory {directory} belongs to another user "
-                           f"(uid {st.st_uid})")
+        raise StartupError(
+            f"control socket directory {directory} belongs to another user (uid {st.st_uid})"
+        )
     if st.st_mode & 0o022:
-        raise StartupError(f"control socket directory {directory} is writable by other users; "
-                           "choose a private directory for --control-socket")
+        raise StartupError(
+            f"control socket directory {directory} is writable by other users; "
+            "choose a private directory for --control-socket"
+        )
 
 
 def _refuse(conn: socket.socket, reason: str) -> None:
@@ -349,12 +377,15 @@ class ControlClient:
             raise EchodError(f"no echod is listening on control socket {path}") from None
         except PermissionError:
             self._sock.close()
-            raise EchodError(f"permission denied on control socket {path} (run as the user "
-                             "echod runs as, or as root)") from None
+            raise EchodError(
+                f"permission denied on control socket {path} (run as the user "
+                "echod runs as, or as root)"
+            ) from None
         except OSError as err:
             self._sock.close()
-            raise EchodError(f"cannot connect to control socket {path}: "
-                             f"{err.strerror or err}") from None
+            raise EchodError(
+                f"cannot connect to control socket {path}: {err.strerror or err}"
+            ) from None
 
     def ask(self, line: str) -> str | None:
         """Send one command line; its answer without the final empty line, or None if the
@@ -369,7 +400,7 @@ class ControlClient:
         while True:
             nl = self._buf.find(b"\n")
             if nl >= 0:
-                line, self._buf = self._buf[:nl], self._buf[nl + 1:]
+                line, self._buf = self._buf[:nl], self._buf[nl + 1 :]
                 if not line:
                     return decode(b"\n".join(lines))
                 lines.append(line)
@@ -377,8 +408,9 @@ class ControlClient:
             try:
                 chunk = self._sock.recv(65536)
             except TimeoutError:
-                raise EchodError(f"echod did not answer within {self.timeout:g} s on control "
-                                 f"socket {self.path}") from None
+                raise EchodError(
+                    f"echod did not answer within {self.timeout:g} s on control socket {self.path}"
+                ) from None
             except ConnectionResetError:
                 chunk = b""
             if not chunk:
@@ -407,11 +439,20 @@ def _timeout(text: str) -> float:
 
 
 def _add_socket_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--control-socket", type=_socket_path, default=None, metavar="PATH",
-                        help="the daemon's control socket (default: "
-                        f"{default_control_socket()})")
-    parser.add_argument("--timeout", type=_timeout, default=CLIENT_TIMEOUT, metavar="SECONDS",
-                        help="how long to wait for an answer (default: %(default)s)")
+    parser.add_argument(
+        "--control-socket",
+        type=_socket_path,
+        default=None,
+        metavar="PATH",
+        help=f"the daemon's control socket (default: {default_control_socket()})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=CLIENT_TIMEOUT,
+        metavar="SECONDS",
+        help="how long to wait for an answer (default: %(default)s)",
+    )
 
 
 CTL_EPILOG = """\
@@ -430,11 +471,13 @@ Exit status: 0 on OK, 1 on ERR or when no echod answers, 2 on bad usage.
 
 def ctl_main(argv: Sequence[str]) -> int:
     """``echod ctl COMMAND [ARGS]``: one command, its answer, OK -> 0, ERR -> 1."""
-    parser = _Parser(prog="echod ctl",
-                     usage="%(prog)s [--control-socket PATH] [--timeout SECONDS] COMMAND [ARGS...]",
-                     description="Send one operator command to a running "
-                     "echod and print its answer.", epilog=CTL_EPILOG,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="echod ctl",
+        usage="%(prog)s [--control-socket PATH] [--timeout SECONDS] COMMAND [ARGS...]",
+        description="Send one operator command to a running echod and print its answer.",
+        epilog=CTL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_socket_option(parser)
     # One REMAINDER, so that text such as "-1" or "--x" after the command is text.
     parser.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS]")
@@ -460,8 +503,11 @@ def ctl_main(argv: Sequence[str]) -> int:
 
 def console_main(argv: Sequence[str]) -> int:
     """``echod console``: an interactive session, one command a line, until end of input."""
-    parser = _Parser(prog="echod console", description="An interactive operator session on "
-                     "a running echod's control socket (Ctrl-D ends it).")
+    parser = _Parser(
+        prog="echod console",
+        description="An interactive operator session on "
+        "a running echod's control socket (Ctrl-D ends it).",
+    )
     _add_socket_option(parser)
     ns = parser.parse_args(list(argv))
     path = ns.control_socket or default_control_socket()
@@ -470,8 +516,11 @@ def console_main(argv: Sequence[str]) -> int:
     if interactive:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
-        print(f"connected to echod on {path}: /help lists commands, other lines are "
-              "broadcast, Ctrl-D ends the session", file=sys.stderr)
+        print(
+            f"connected to echod on {path}: /help lists commands, other lines are "
+            "broadcast, Ctrl-D ends the session",
+            file=sys.stderr,
+        )
     try:
         while True:
             try:

@@ -172,11 +172,13 @@ def _make_dir(directory: Path, what: str) -> None:
         os.chmod(directory, DIR_MODE)
     except FileExistsError:
         if not directory.is_dir():
-            raise StartupError(f"cannot use {what} directory {directory}: "
-                               "it exists and is not a directory") from None
+            raise StartupError(
+                f"cannot use {what} directory {directory}: it exists and is not a directory"
+            ) from None
     except OSError as err:
-        raise StartupError(f"cannot create {what} directory {directory}: "
-                           f"{err.strerror or err}") from None
+        raise StartupError(
+            f"cannot create {what} directory {directory}: {err.strerror or err}"
+        ) from None
 
 
 class Pidfile:
@@ -219,14 +221,15 @@ class Pidfile:
 
     def _open(self) -> int:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                         PIDFILE_MODE)
+            fd = os.open(
+                self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, PIDFILE_MODE
+            )
         except OSError as err:
             if err.errno == errno.ELOOP:
-                raise StartupError(f"pidfile {self.path} is a symbolic link; "
-                                   "refusing to use it") from None
-            raise StartupError(f"cannot open pidfile {self.path}: "
-                               f"{err.strerror or err}") from None
+                raise StartupError(
+                    f"pidfile {self.path} is a symbolic link; refusing to use it"
+                ) from None
+            raise StartupError(f"cannot open pidfile {self.path}: {err.strerror or err}") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise StartupError(f"pidfile {self.path} is not a regular file")
@@ -318,8 +321,12 @@ def inspect(path: Path, grace: float = PID_GRACE_SECONDS) -> PidfileState:
     except FileNotFoundError:
         return PidfileState(NOT_RUNNING, None, f"echod is not running (no pidfile {path})")
     except OSError as err:
-        return PidfileState(UNKNOWN, None, f"cannot read pidfile {path}: {err.strerror or err}",
-                            permission_denied=err.errno in (errno.EACCES, errno.EPERM))
+        return PidfileState(
+            UNKNOWN,
+            None,
+            f"cannot read pidfile {path}: {err.strerror or err}",
+            permission_denied=err.errno in (errno.EACCES, errno.EPERM),
+        )
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -330,8 +337,9 @@ def inspect(path: Path, grace: float = PID_GRACE_SECONDS) -> PidfileState:
             if pid is None and not os.pread(fd, 1, 0):
                 return PidfileState(NOT_RUNNING, None, "echod is not running")
             stale = f"pid {pid}" if pid else "no valid pid"
-            return PidfileState(DEAD, pid, f"echod is not running, but its pidfile {path} "
-                                f"remains ({stale}; stale)")
+            return PidfileState(
+                DEAD, pid, f"echod is not running, but its pidfile {path} remains ({stale}; stale)"
+            )
         deadline = time.monotonic() + grace
         while (pid := _read_pid(fd)) is None and time.monotonic() < deadline:
             time.sleep(POLL_SECONDS)
@@ -341,8 +349,11 @@ def inspect(path: Path, grace: float = PID_GRACE_SECONDS) -> PidfileState:
         return PidfileState(UNKNOWN, None, f"pidfile {path} is locked but holds no pid")
     holds = _holds_open(pid, st)
     if holds is False:
-        return PidfileState(UNKNOWN, pid, f"pidfile {path} is locked, but pid {pid} "
-                            "does not hold it; not touching that process")
+        return PidfileState(
+            UNKNOWN,
+            pid,
+            f"pidfile {path} is locked, but pid {pid} does not hold it; not touching that process",
+        )
     return PidfileState(RUNNING, pid, f"echod is running (pid {pid})")
 
 
@@ -363,8 +374,10 @@ def resolve_account(user: str | None, group: str | None) -> Account | None:
     if user is None and group is None:
         return None
     if os.geteuid() != 0:
-        raise UsageError("--user and --group need echod to be started as root "
-                         "(it binds, then switches to that user)")
+        raise UsageError(
+            "--user and --group need echod to be started as root "
+            "(it binds, then switches to that user)"
+        )
     name: str | None = None
     uid: int | None = None
     gid: int | None = None
@@ -474,10 +487,13 @@ def wait_ready(fd: int, timeout: float, log_path: Path) -> Started:
             if pid is not None and is_alive(pid):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGTERM)
-                raise StartupError(f"the daemon (pid {pid}) was not serving within "
-                                   f"{timeout:g} seconds and was stopped; see {log_path}")
-            raise StartupError(f"the daemon was not serving within {timeout:g} seconds; "
-                               f"see {log_path}")
+                raise StartupError(
+                    f"the daemon (pid {pid}) was not serving within "
+                    f"{timeout:g} seconds and was stopped; see {log_path}"
+                )
+            raise StartupError(
+                f"the daemon was not serving within {timeout:g} seconds; see {log_path}"
+            )
         ready, _, _ = select.select([fd], [], [], remaining)
         if not ready:
             continue
@@ -563,7 +579,11 @@ def run_detached(settings: Settings) -> int:
         raise
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     keep = (_open_fds() - inherited - {0, 1, 2, read_fd}) | {
-        service.server.fileno(), log_file.fileno(), pidfile.fileno(), write_fd}
+        service.server.fileno(),
+        log_file.fileno(),
+        pidfile.fileno(),
+        write_fd,
+    }
     child = os.fork()
     if child == 0:
         os.close(read_fd)
@@ -582,8 +602,9 @@ def run_detached(settings: Settings) -> int:
     return 0
 
 
-def _become_daemon(service: Service, pidfile: Pidfile, log_file: logs.LogFile,
-                   ready: Readiness, keep: set[int]) -> NoReturn:
+def _become_daemon(
+    service: Service, pidfile: Pidfile, log_file: logs.LogFile, ready: Readiness, keep: set[int]
+) -> NoReturn:
     """Steps 7-10 in the forked child; never returns into the caller's code."""
     log = logs.get_logger()
     status = 1
@@ -591,8 +612,14 @@ def _become_daemon(service: Service, pidfile: Pidfile, log_file: logs.LogFile,
     try:
         with open(os.devnull, "r+b", buffering=0) as devnull:
             context = daemon.DaemonContext(
-                working_directory="/", umask=UMASK, detach_process=True, prevent_core=True,
-                files_preserve=sorted(keep), stdin=devnull, stdout=devnull, stderr=devnull,
+                working_directory="/",
+                umask=UMASK,
+                detach_process=True,
+                prevent_core=True,
+                files_preserve=sorted(keep),
+                stdin=devnull,
+                stdout=devnull,
+                stderr=devnull,
                 signal_map=_signal_map(),
             )
             context.open()  # returns in the grandchild only
@@ -636,17 +663,24 @@ def _timeout(text: str) -> float:
 
 def _parser(prog: str, description: str) -> _Parser:
     parser = _Parser(prog=prog, description=description)
-    parser.add_argument("--pidfile", type=lambda t: Path(t).expanduser().absolute(),
-                        default=None, metavar="PATH",
-                        help=f"the daemon's pidfile (default: {default_pidfile()})")
+    parser.add_argument(
+        "--pidfile",
+        type=lambda t: Path(t).expanduser().absolute(),
+        default=None,
+        metavar="PATH",
+        help=f"the daemon's pidfile (default: {default_pidfile()})",
+    )
     return parser
 
 
 def status_main(argv: Sequence[str]) -> int:
     """``echod status``: exit 0 running, 1 stale pidfile, 3 not running, 4 unknown."""
-    parser = _parser("echod status", "Is a detached echod running? (LSB exit codes: "
-                     "0 running, 1 not running but the pidfile remains, 3 not running, "
-                     "4 unknown)")
+    parser = _parser(
+        "echod status",
+        "Is a detached echod running? (LSB exit codes: "
+        "0 running, 1 not running but the pidfile remains, 3 not running, "
+        "4 unknown)",
+    )
     args = parser.parse_args(argv)
     state = inspect(args.pidfile or default_pidfile())
     if state.status == UNKNOWN:
@@ -669,10 +703,18 @@ def _remove_stale(path: Path) -> None:
 
 def stop_main(argv: Sequence[str]) -> int:
     """``echod stop``: SIGTERM the daemon of a locked pidfile and wait until it is gone."""
-    parser = _parser("echod stop", "Stop a detached echod and wait until it has exited. "
-                     "Stopping an echod that is not running succeeds.")
-    parser.add_argument("--timeout", type=_timeout, default=STOP_TIMEOUT, metavar="SECONDS",
-                        help=f"how long to wait for it to exit (default: {STOP_TIMEOUT:g})")
+    parser = _parser(
+        "echod stop",
+        "Stop a detached echod and wait until it has exited. "
+        "Stopping an echod that is not running succeeds.",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=STOP_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long to wait for it to exit (default: {STOP_TIMEOUT:g})",
+    )
     args = parser.parse_args(argv)
     path: Path = args.pidfile or default_pidfile()
     state = inspect(path)
@@ -695,8 +737,10 @@ def stop_main(argv: Sequence[str]) -> int:
     deadline = time.monotonic() + args.timeout
     while is_alive(pid):
         if time.monotonic() >= deadline:
-            print(f"echod: echod (pid {pid}) did not stop within {args.timeout:g} seconds",
-                  file=sys.stderr)
+            print(
+                f"echod: echod (pid {pid}) did not stop within {args.timeout:g} seconds",
+                file=sys.stderr,
+            )
             return 1
         time.sleep(POLL_SECONDS)
     print(f"echod stopped (pid {pid})")

@@ -35,9 +35,7 @@ class LogFile:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             return open(self.path, "a", encoding="utf-8", buffering=1)
         except OSError as err:
-            raise StartupError(
-                f"cannot open log file {self.path}: {err.strerror or err}"
-            ) from None
+            raise StartupError(f"cannot open log file {self.path}: {err.strerror or err}") from None
 
     def fileno(self) -> int:
         return self._file.fileno()

@@ -36,7 +36,6 @@ BYE = b"bye\n"
 SHUTDOWN_NOTICE = b"Server shutting down\n"
 
 
-
 def error_line(reason: str) -> bytes:
     """The one line a client gets before the server closes on an error."""
     return b"ERR " + reason.encode("ascii", "replace") + b"\n"

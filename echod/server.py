@@ -140,8 +140,14 @@ class Connection:
         "thread",
     )
 
-    def __init__(self, sock: socket.socket, peer: str, cid: int, send_timeout: float,
-                 max_line: int = protocol.DEFAULT_MAX_LINE) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        peer: str,
+        cid: int,
+        send_timeout: float,
+        max_line: int = protocol.DEFAULT_MAX_LINE,
+    ) -> None:
         self.sock = sock
         self.peer = peer
         self.id = cid
@@ -498,19 +504,30 @@ class EchoServer(socketserver.ThreadingTCPServer):
         _refuse(request, protocol.error_line(f"server full (max {limit} clients)"))
         now = _now()
         if now - self._last_reject > 1.0:  # a new burst
-            self.log.warning("client_rejected", reason="server_full", max_clients=limit,
-                             peer=format_peer(client_address), rejected_total=rejected)
+            self.log.warning(
+                "client_rejected",
+                reason="server_full",
+                max_clients=limit,
+                peer=format_peer(client_address),
+                rejected_total=rejected,
+            )
         self._reject_burst += 1
         self._last_reject = now
         return False
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Register the client, then start its handler thread."""
-        conn = Connection(request, format_peer(client_address), self.registry.next_id(),
-                          self.settings.send_timeout, self.settings.max_line)
+        conn = Connection(
+            request,
+            format_peer(client_address),
+            self.registry.next_id(),
+            self.settings.send_timeout,
+            self.settings.max_line,
+        )
         self.registry.add(conn)
-        thread = threading.Thread(target=self._run_handler, args=(conn,),
-                                  name=f"echod-client-{conn.id}", daemon=True)
+        thread = threading.Thread(
+            target=self._run_handler, args=(conn,), name=f"echod-client-{conn.id}", daemon=True
+        )
         conn.thread = thread
         try:
             thread.start()
@@ -554,8 +571,14 @@ class EchoServer(socketserver.ThreadingTCPServer):
         tb = traceback.extract_tb(exc.__traceback__)[-1:] if exc is not None else []
         where = f"{tb[0].filename}:{tb[0].lineno} in {tb[0].name}" if tb else None
         client = request.id if isinstance(request, Connection) else None
-        self.log.error("handler_error", client=client, peer=str(client_address),
-                       error=type(exc).__name__, detail=str(exc), where=where)
+        self.log.error(
+            "handler_error",
+            client=client,
+            peer=str(client_address),
+            error=type(exc).__name__,
+            detail=str(exc),
+            where=where,
+        )
 
     def _out_of_resources(self, kind: str, detail: str) -> None:
         """Back off instead of spinning; refuse one waiting client with a line if we can.
@@ -569,8 +592,13 @@ class EchoServer(socketserver.ThreadingTCPServer):
             self._exhausted_since = now
         if now - self._resource_log_at > 5.0:
             self._resource_log_at = now
-            self.log.error("out_of_resources", resource=kind, detail=detail,
-                           backoff=BACKOFF_SECONDS, clients=len(self.registry))
+            self.log.error(
+                "out_of_resources",
+                resource=kind,
+                detail=detail,
+                backoff=BACKOFF_SECONDS,
+                clients=len(self.registry),
+            )
         # The reserve descriptor trick: free one fd, accept and answer one
         # client so it is told rather than left hanging, then take it back.
         if kind == "descriptors" and self._reserve_fd is not None:
@@ -592,8 +620,12 @@ class EchoServer(socketserver.ThreadingTCPServer):
     def _resources_back(self) -> None:
         """A handler started after a shortage: say how long it lasted and whom it cost."""
         since = self._exhausted_since or _now()
-        self.log.warning("out_of_resources_ended", refused=self._exhausted_refused,
-                         lasted=round(_now() - since, 3), clients=len(self.registry))
+        self.log.warning(
+            "out_of_resources_ended",
+            refused=self._exhausted_refused,
+            lasted=round(_now() - since, 3),
+            clients=len(self.registry),
+        )
         self._exhausted_since = None
         self._exhausted_refused = 0
         self._resource_log_at = 0.0
@@ -602,8 +634,9 @@ class EchoServer(socketserver.ThreadingTCPServer):
 
     def _start_janitor(self) -> None:
         if self._janitor is None:
-            self._janitor = threading.Thread(target=self._janitor_loop, name="echod-janitor",
-                                             daemon=True)
+            self._janitor = threading.Thread(
+                target=self._janitor_loop, name="echod-janitor", daemon=True
+            )
             self._janitor.start()
 
     def _janitor_loop(self) -> None:
@@ -682,8 +715,9 @@ def _open_reserve() -> int | None:
 def resolve(host: str, port: int) -> tuple[socket.AddressFamily, tuple[Any, ...]]:
     """The family and address to bind for ``host`` (an address or a name)."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV)
+        infos = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV
+        )
     except socket.gaierror as err:
         raise StartupError(f"cannot listen on {host!r}: {err.strerror}") from None
     family, _, _, _, address = infos[0]
@@ -695,8 +729,10 @@ def bind_error_message(host: str, port: int, err: OSError) -> str:
     if err.errno == errno.EADDRINUSE:
         return f"cannot listen on {where}: the address is already in use"
     if err.errno == errno.EACCES:
-        return (f"cannot listen on {where}: permission denied "
-                "(ports below 1024 need root or CAP_NET_BIND_SERVICE)")
+        return (
+            f"cannot listen on {where}: permission denied "
+            "(ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+        )
     if err.errno == errno.EADDRNOTAVAIL:
         return f"cannot listen on {where}: that address is not on this machine"
     return f"cannot listen on {where}: {err.strerror or err}"

@@ -70,10 +70,16 @@ def raise_nofile_limit(max_clients: int, log: Logger) -> int:
         except (OSError, ValueError):
             pass  # keep the old soft limit; the warning below says what that means
     if soft != resource.RLIM_INFINITY and soft < needed:
-        log.warning("nofile_limit_low", soft=soft, hard=hard, max_clients=max_clients,
-                    needed=needed, fits=max(0, soft - NOFILE_HEADROOM),
-                    detail="raise the hard open-files limit (ulimit -Hn, LimitNOFILE=) "
-                    "or lower --max-clients")
+        log.warning(
+            "nofile_limit_low",
+            soft=soft,
+            hard=hard,
+            max_clients=max_clients,
+            needed=needed,
+            fits=max(0, soft - NOFILE_HEADROOM),
+            detail="raise the hard open-files limit (ulimit -Hn, LimitNOFILE=) "
+            "or lower --max-clients",
+        )
     return soft
 
 
@@ -155,18 +161,23 @@ class Service:
         # A signal taken by another thread (e.g. pending across SIGSTOP/SIGCONT) must
         # still wake the main loop at once; Python runs handlers on the main thread only.
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        serve = threading.Thread(target=self.server.serve_forever, name="echod-accept",
-                                 daemon=True)
+        serve = threading.Thread(target=self.server.serve_forever, name="echod-accept", daemon=True)
         serve.start()
         if self.control is not None:
             self.control.start()
         if self._console_wanted():
             self._start_console()
         s = self.settings
-        self.log.info("listening", host=self.server.host, port=self.server.port,
-                      pid=os.getpid(), socket_activated=self.socket_activated,
-                      control_socket=str(s.control_socket) if s.control_socket else None,
-                      max_clients=s.max_clients, max_line=s.max_line)
+        self.log.info(
+            "listening",
+            host=self.server.host,
+            port=self.server.port,
+            pid=os.getpid(),
+            socket_activated=self.socket_activated,
+            control_socket=str(s.control_socket) if s.control_socket else None,
+            max_clients=s.max_clients,
+            max_line=s.max_line,
+        )
         systemd.notify("READY=1")
         if on_ready is not None:
             on_ready()
@@ -212,11 +223,19 @@ class Service:
         for close in reversed(self._closers):
             close()
         if not complete:
-            self.log.warning("shutdown_incomplete", detail="handlers outlived the deadline",
-                             remaining=len(self.registry))
+            self.log.warning(
+                "shutdown_incomplete",
+                detail="handlers outlived the deadline",
+                remaining=len(self.registry),
+            )
         stats = self.registry.stats()
-        self.log.info("stopped", reason=self._stop_reason, served=stats.total_accepted,
-                      lines_in=stats.lines_in, uptime=round(stats.uptime, 3))
+        self.log.info(
+            "stopped",
+            reason=self._stop_reason,
+            served=stats.total_accepted,
+            lines_in=stats.lines_in,
+            uptime=round(stats.uptime, 3),
+        )
         signal.set_wakeup_fd(-1)  # before its descriptor is closed and maybe reused
         os.close(self._wake_r)
         os.close(self._wake_w)

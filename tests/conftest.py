@@ -74,8 +74,12 @@ def has_ipv6_loopback() -> bool:
         return False
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = TIMEOUT, interval: float = 0.01,
-             what: str = "condition") -> Any:
+def wait_for(
+    condition: Callable[[], Any],
+    timeout: float = TIMEOUT,
+    interval: float = 0.01,
+    what: str = "condition",
+) -> Any:
     """Return condition()'s first truthy value; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -161,8 +165,7 @@ class RunningServer:
         self.registry: Registry[Connection] = Registry()
         self.server = EchoServer(settings, self.registry)
         self.settings = settings
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
         self.stopped = False
 
@@ -257,12 +260,17 @@ def connect() -> Iterator[Callable[..., Client]]:
 class EchodProcess:
     """The real ``echod`` command in a subprocess, its stderr parsed as JSON events."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None,
-                 ready_event: str = "listening") -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, ready_event: str = "listening"
+    ) -> None:
         cmd = [sys.executable, "-m", "echod", *args]
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={**os.environ, **(env or {})}, cwd=ROOT,
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+            cwd=ROOT,
         )
         self.pid = self.proc.pid
         self.events: list[dict[str, Any]] = []
@@ -292,8 +300,12 @@ class EchodProcess:
             pass
         return True
 
-    def wait_event(self, name: str, timeout: float = TIMEOUT,
-                   where: Callable[[dict[str, Any]], bool] = lambda e: True) -> dict[str, Any]:
+    def wait_event(
+        self,
+        name: str,
+        timeout: float = TIMEOUT,
+        where: Callable[[dict[str, Any]], bool] = lambda e: True,
+    ) -> dict[str, Any]:
         """The first event called ``name`` (matching ``where``), waiting for it."""
         deadline = time.monotonic() + timeout
         seen = 0
@@ -304,8 +316,10 @@ class EchodProcess:
             seen = len(self.events)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(f"no {name!r} event within {timeout}s; "
-                                     f"stderr: {''.join(self.raw_stderr)[-2000:]}")
+                raise AssertionError(
+                    f"no {name!r} event within {timeout}s; "
+                    f"stderr: {''.join(self.raw_stderr)[-2000:]}"
+                )
             if not self._take(min(remaining, 0.1)) and self.proc.poll() is not None:
                 # stderr closed: drain whatever is queued, then give up
                 while self._take(0) and not self._lines.empty():
@@ -313,8 +327,10 @@ class EchodProcess:
                 for event in self.events[seen:]:
                     if event.get("event") == name and where(event):
                         return event
-                raise AssertionError(f"echod exited ({self.proc.returncode}) before {name!r}; "
-                                     f"stderr: {''.join(self.raw_stderr)[-2000:]}")
+                raise AssertionError(
+                    f"echod exited ({self.proc.returncode}) before {name!r}; "
+                    f"stderr: {''.join(self.raw_stderr)[-2000:]}"
+                )
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
@@ -336,10 +352,17 @@ class EchodProcess:
 def spawn_echod() -> Iterator[Callable[..., EchodProcess]]:
     procs: list[EchodProcess] = []
 
-    def spawn(*args: str, env: dict[str, str] | None = None, default_args: bool = True,
-              ready_event: str = "listening") -> EchodProcess:
-        base = ["--foreground", "--port", "0", "--control-socket", "none",
-                "--log-format", "json"] if default_args else []
+    def spawn(
+        *args: str,
+        env: dict[str, str] | None = None,
+        default_args: bool = True,
+        ready_event: str = "listening",
+    ) -> EchodProcess:
+        base = (
+            ["--foreground", "--port", "0", "--control-socket", "none", "--log-format", "json"]
+            if default_args
+            else []
+        )
         proc = EchodProcess([*base, *args], env=env, ready_event=ready_event)
         procs.append(proc)
         return proc

@@ -23,9 +23,10 @@ def main() -> int:
     except ImportError as err:
         print(f"uvloop_protocol: skipped: uvloop is not importable ({err})", file=sys.stderr)
         return SKIP_EXIT
-    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(
-        loop_factory=uvloop.new_event_loop
-    ) as runner:
+    with (
+        contextlib.suppress(KeyboardInterrupt),
+        asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
+    ):
         runner.run(serve(args.host, args.port))
     return 0
 

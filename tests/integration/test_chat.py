@@ -19,14 +19,16 @@ pytestmark = pytest.mark.timeout(60)
 
 def client_id(server: RunningServer, client: Client) -> int:
     peer = f"127.0.0.1:{client.sock.getsockname()[1]}"
-    conn: Connection = wait_for(lambda: next((c for c in server.registry.snapshot()
-                                              if c.peer == peer), None),
-                                what=f"client {peer} registered")
+    conn: Connection = wait_for(
+        lambda: next((c for c in server.registry.snapshot() if c.peer == peer), None),
+        what=f"client {peer} registered",
+    )
     return conn.id
 
 
-def test_chat_relays_a_lone_cr_inside_its_line(make_server: Callable[..., RunningServer],
-                                               connect: Callable[..., Client]) -> None:
+def test_chat_relays_a_lone_cr_inside_its_line(
+    make_server: Callable[..., RunningServer], connect: Callable[..., Client]
+) -> None:
     server = make_server(chat=True)
     a, b = connect(server.port), connect(server.port)
     ida = client_id(server, a)
@@ -35,8 +37,9 @@ def test_chat_relays_a_lone_cr_inside_its_line(make_server: Callable[..., Runnin
     assert b.readline() == b"client %d: one\rtwo\n" % ida  # one line, not two
 
 
-def test_chat_relays_between_three_clients(make_server: Callable[..., RunningServer],
-                                           connect: Callable[..., Client]) -> None:
+def test_chat_relays_between_three_clients(
+    make_server: Callable[..., RunningServer], connect: Callable[..., Client]
+) -> None:
     server = make_server(chat=True)
     a, b, c = (connect(server.port) for _ in range(3))
     ids = {name: client_id(server, cl) for name, cl in zip("abc", (a, b, c), strict=True)}
@@ -73,7 +76,8 @@ def test_chat_is_off_by_default(server: RunningServer, connect: Callable[..., Cl
 
 
 def test_chat_relay_and_operator_pushes_mix_as_whole_lines(
-        make_server: Callable[..., RunningServer], connect: Callable[..., Client]) -> None:
+    make_server: Callable[..., RunningServer], connect: Callable[..., Client]
+) -> None:
     server = make_server(chat=True)
     a, b = connect(server.port), connect(server.port)
     a_id = client_id(server, a)

@@ -34,7 +34,8 @@ def closed_events(logs: CapturedLogs, count: int = 1) -> list[dict[str, Any]]:
     """Wait for ``count`` connection_closed events (logged as the handler thread ends)."""
     events: list[dict[str, Any]] = wait_for(
         lambda: (e := logs.named("connection_closed")) and len(e) >= count and e,
-        what=f"{count} connection_closed events")
+        what=f"{count} connection_closed events",
+    )
     return events
 
 
@@ -76,16 +77,14 @@ def test_line_split_across_sends(server: RunningServer, connect: Connect) -> Non
 
 
 @pytest.mark.parametrize("ending", [b"\n", b"\r\n"])
-def test_longest_lines_are_echoed(server: RunningServer, connect: Connect,
-                                  ending: bytes) -> None:
+def test_longest_lines_are_echoed(server: RunningServer, connect: Connect, ending: bytes) -> None:
     client = connect(server.port)
     for size in (1023, 1024):
         line = b"y" * size + ending
         assert client.roundtrip(line) == line
 
 
-def test_cr_and_lf_at_the_limit_in_separate_sends(server: RunningServer,
-                                                  connect: Connect) -> None:
+def test_cr_and_lf_at_the_limit_in_separate_sends(server: RunningServer, connect: Connect) -> None:
     client = connect(server.port)
     client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     client.send(b"y" * 1024 + b"\r")
@@ -93,8 +92,9 @@ def test_cr_and_lf_at_the_limit_in_separate_sends(server: RunningServer,
 
 
 @pytest.mark.parametrize("ending", [b"\n", b"\r\n", b""])
-def test_line_too_long_closes(server: RunningServer, connect: Connect,
-                              captured_logs: CapturedLogs, ending: bytes) -> None:
+def test_line_too_long_closes(
+    server: RunningServer, connect: Connect, captured_logs: CapturedLogs, ending: bytes
+) -> None:
     client = connect(server.port)
     assert client.roundtrip(b"before\n") == b"before\n"
     client.send(b"y" * 1025 + ending)
@@ -103,8 +103,9 @@ def test_line_too_long_closes(server: RunningServer, connect: Connect,
     assert closed_events(captured_logs)[0]["reason"] == "line_too_long"
 
 
-def test_endless_line_is_cut_off(server: RunningServer, connect: Connect,
-                                 captured_logs: CapturedLogs) -> None:
+def test_endless_line_is_cut_off(
+    server: RunningServer, connect: Connect, captured_logs: CapturedLogs
+) -> None:
     """Whatever the client sends, the server answers once it is over the limit and closes."""
     client = connect(server.port)
     errors: list[OSError] = []
@@ -137,8 +138,9 @@ def test_other_max_line(make_server: MakeServer, connect: Connect) -> None:
 
 
 @pytest.mark.parametrize("word", [b"exit\n", b" EXIT \r\n", b"\tExit\n"])
-def test_exit(server: RunningServer, connect: Connect, captured_logs: CapturedLogs,
-              word: bytes) -> None:
+def test_exit(
+    server: RunningServer, connect: Connect, captured_logs: CapturedLogs, word: bytes
+) -> None:
     client = connect(server.port)
     assert client.roundtrip(b"exited\n") == b"exited\n"
     client.send(word + b"not echoed\n")
@@ -154,8 +156,9 @@ def test_exit_then_eof(server: RunningServer, connect: Connect) -> None:
     assert client.read_all() == BYE
 
 
-def test_half_close_echoes_the_trailing_bytes(server: RunningServer, connect: Connect,
-                                              captured_logs: CapturedLogs) -> None:
+def test_half_close_echoes_the_trailing_bytes(
+    server: RunningServer, connect: Connect, captured_logs: CapturedLogs
+) -> None:
     client = connect(server.port)
     client.send(b"abc\ndef")
     client.half_close()
@@ -196,8 +199,9 @@ def test_50_concurrent_clients(server: RunningServer, connect: Connect) -> None:
         except OSError as err:
             failures.append(f"client {i}: {err}")
 
-    threads = [threading.Thread(target=talk, args=(i, c), daemon=True)
-               for i, c in enumerate(clients)]
+    threads = [
+        threading.Thread(target=talk, args=(i, c), daemon=True) for i, c in enumerate(clients)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -210,8 +214,9 @@ def test_50_concurrent_clients(server: RunningServer, connect: Connect) -> None:
 # -- shutdown ----------------------------------------------------------------------------
 
 
-def test_shutdown_with_idle_clients(server: RunningServer, connect: Connect,
-                                    captured_logs: CapturedLogs) -> None:
+def test_shutdown_with_idle_clients(
+    server: RunningServer, connect: Connect, captured_logs: CapturedLogs
+) -> None:
     talked = [connect(server.port) for _ in range(3)]
     for client in talked:
         assert client.roundtrip(b"hi\n") == b"hi\n"
@@ -240,8 +245,9 @@ def test_stop_with_no_clients(server: RunningServer) -> None:
 
 
 @pytest.mark.skipif(not has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
-def test_ipv6_loopback(make_server: MakeServer, connect: Connect,
-                       captured_logs: CapturedLogs) -> None:
+def test_ipv6_loopback(
+    make_server: MakeServer, connect: Connect, captured_logs: CapturedLogs
+) -> None:
     srv = make_server(host="::1")
     assert srv.server.host == "::1"
     client = connect(srv.port, host="::1")
@@ -253,8 +259,9 @@ def test_ipv6_loopback(make_server: MakeServer, connect: Connect,
 # -- logging -------------------------------------------------------------------------
 
 
-def test_connection_closed_event(server: RunningServer, connect: Connect,
-                                 captured_logs: CapturedLogs) -> None:
+def test_connection_closed_event(
+    server: RunningServer, connect: Connect, captured_logs: CapturedLogs
+) -> None:
     client = connect(server.port)
     local_port = client.sock.getsockname()[1]
     assert client.roundtrip(b"hello\n") == b"hello\n"
@@ -276,8 +283,9 @@ def test_connection_closed_event(server: RunningServer, connect: Connect,
     assert 0 <= event["duration"] < 60
 
 
-def test_no_per_message_logging_at_info(server: RunningServer, connect: Connect,
-                                        captured_logs: CapturedLogs) -> None:
+def test_no_per_message_logging_at_info(
+    server: RunningServer, connect: Connect, captured_logs: CapturedLogs
+) -> None:
     client = connect(server.port)
     for i in range(50):
         assert client.roundtrip(b"%d\n" % i) == b"%d\n" % i
@@ -292,8 +300,11 @@ class Boom(Exception):
 
 
 def test_handler_error_is_one_event_and_the_server_goes_on(
-    server: RunningServer, connect: Connect, captured_logs: CapturedLogs,
-    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+    server: RunningServer,
+    connect: Connect,
+    captured_logs: CapturedLogs,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     real_feed = protocol.LineProtocol.feed
 

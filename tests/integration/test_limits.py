@@ -33,7 +33,8 @@ Connect = Callable[..., Client]
 def closed(logs: CapturedLogs, count: int = 1) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = wait_for(
         lambda: (e := logs.named("connection_closed")) and len(e) >= count and e,
-        what=f"{count} connection_closed events")
+        what=f"{count} connection_closed events",
+    )
     return events
 
 
@@ -58,8 +59,13 @@ def test_documented_defaults() -> None:
 
 def listen_backlog(port: int) -> int:
     """The listening socket's backlog as the kernel applied it (ss shows it as Send-Q)."""
-    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True,
-                         timeout=TIMEOUT, check=True).stdout
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=True,
+    ).stdout
     return int(out.split()[2])
 
 
@@ -79,7 +85,8 @@ def test_thread_stacks_are_small(server: RunningServer, connect: Connect) -> Non
 
 
 def test_max_clients_refuses_with_a_line_and_logs_once_per_burst(
-        make_server: MakeServer, connect: Connect, captured_logs: CapturedLogs) -> None:
+    make_server: MakeServer, connect: Connect, captured_logs: CapturedLogs
+) -> None:
     srv = make_server(max_clients=3, send_timeout=1.0)  # a short janitor tick
     served = [connect(srv.port) for _ in range(3)]
     for client in served:
@@ -88,8 +95,9 @@ def test_max_clients_refuses_with_a_line_and_logs_once_per_burst(
         assert connect(srv.port).read_all() == b"ERR server full (max 3 clients)\n"
     assert srv.registry.stats().rejected == 10
     assert len(captured_logs.named("client_rejected")) == 1
-    (ended,) = wait_for(lambda: captured_logs.named("client_rejected_burst_ended"),
-                        what="the end of the burst")
+    (ended,) = wait_for(
+        lambda: captured_logs.named("client_rejected_burst_ended"), what="the end of the burst"
+    )
     assert ended["rejected"] == 10
     served[0].close()
     wait_for(lambda: len(srv.registry) == 2, what="a free slot")
@@ -99,8 +107,9 @@ def test_max_clients_refuses_with_a_line_and_logs_once_per_burst(
 # -- idle timeout ------------------------------------------------------------------------
 
 
-def test_idle_timeout(make_server: MakeServer, connect: Connect,
-                      captured_logs: CapturedLogs) -> None:
+def test_idle_timeout(
+    make_server: MakeServer, connect: Connect, captured_logs: CapturedLogs
+) -> None:
     srv = make_server(idle_timeout=0.3)
     client = connect(srv.port)
     assert client.roundtrip(b"hello\n") == b"hello\n"
@@ -136,7 +145,8 @@ def test_idle_timeout_zero_is_off(make_server: MakeServer, connect: Connect) -> 
 
 
 def test_line_timeout_is_absolute_so_trickling_does_not_help(
-        make_server: MakeServer, connect: Connect, captured_logs: CapturedLogs) -> None:
+    make_server: MakeServer, connect: Connect, captured_logs: CapturedLogs
+) -> None:
     srv = make_server(line_timeout=0.4)
     client = connect(srv.port)
     client.send(b"t")
@@ -163,8 +173,9 @@ def test_line_timeout_is_absolute_so_trickling_does_not_help(
     assert event["reason"] == "line_timeout"
 
 
-def test_line_timeout_counts_from_each_lines_first_byte(make_server: MakeServer,
-                                                        connect: Connect) -> None:
+def test_line_timeout_counts_from_each_lines_first_byte(
+    make_server: MakeServer, connect: Connect
+) -> None:
     srv = make_server(line_timeout=0.5)
     client = connect(srv.port)
     # Lines that each take 0.3 s to complete, back to back for 1.5 s: never cut.
@@ -191,9 +202,12 @@ def test_line_timeout_zero_is_off(make_server: MakeServer, connect: Connect) -> 
 # -- faults --------------------------------------------------------------------------------
 
 
-def test_reset_mid_line_is_one_event(server: RunningServer, connect: Connect,
-                                     captured_logs: CapturedLogs,
-                                     capfd: pytest.CaptureFixture[str]) -> None:
+def test_reset_mid_line_is_one_event(
+    server: RunningServer,
+    connect: Connect,
+    captured_logs: CapturedLogs,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
     client = connect(server.port)
     client.send(b"half a line")
     wait_for(lambda: server.registry.stats().bytes_in == 11, what="the bytes to arrive")
@@ -202,13 +216,15 @@ def test_reset_mid_line_is_one_event(server: RunningServer, connect: Connect,
     (event,) = closed(captured_logs)
     assert event["reason"] == "reset"
     assert connect(server.port).roundtrip(b"others fine\n") == b"others fine\n"
-    assert [e["event"] for e in captured_logs.events if e["level"] != "debug"] \
-        == ["connection_closed"]
+    assert [e["event"] for e in captured_logs.events if e["level"] != "debug"] == [
+        "connection_closed"
+    ]
     assert "Traceback" not in "".join(capfd.readouterr())
 
 
 def test_slow_reader_is_dropped_after_the_send_timeout(
-        make_server: MakeServer, connect: Connect, captured_logs: CapturedLogs) -> None:
+    make_server: MakeServer, connect: Connect, captured_logs: CapturedLogs
+) -> None:
     srv = make_server(send_timeout=0.5)
     hog = connect(srv.port)
     hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -219,7 +235,7 @@ def test_slow_reader_is_dropped_after_the_send_timeout(
     # Keep offering lines: the server's buffers absorb megabytes before it stalls.
     while not captured_logs.named("connection_closed") and time.monotonic() < deadline:
         try:
-            pending = pending[hog.sock.send(pending):] or memoryview(lines)
+            pending = pending[hog.sock.send(pending) :] or memoryview(lines)
         except BlockingIOError:
             time.sleep(0.01)
         except OSError:
@@ -244,12 +260,18 @@ print(json.dumps({"soft": soft, "now": resource.getrlimit(resource.RLIMIT_NOFILE
 
 def probe_nofile(soft: int, hard: int, max_clients: int) -> list[dict[str, Any]]:
     """Run raise_nofile_limit in a child started with these limits; its JSON lines."""
+
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
-    out = subprocess.run([sys.executable, "-c", NOFILE_PROBE, str(max_clients)],
-                         capture_output=True, text=True, timeout=TIMEOUT, check=True,
-                         preexec_fn=limit).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", NOFILE_PROBE, str(max_clients)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=True,
+        preexec_fn=limit,
+    ).stdout
     return [json.loads(line) for line in out.splitlines()]
 
 
@@ -280,8 +302,7 @@ def servers() -> Iterator[dict[int, EchoServer]]:
 
 def server_for(servers: dict[int, EchoServer], max_line: int) -> EchoServer:
     if max_line not in servers:
-        srv = EchoServer(Settings(host="127.0.0.1", port=0, max_line=max_line,
-                                  control_socket=None))
+        srv = EchoServer(Settings(host="127.0.0.1", port=0, max_line=max_line, control_socket=None))
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         servers[max_line] = srv
     return servers[max_line]
@@ -314,10 +335,14 @@ ALPHABET = [b"a", b"b", b"\n", b"\r", b"\r\n", b"\0", b" ", b"exit", b"EXIT", b"
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(limit=st.integers(1, 64), pieces=st.lists(st.sampled_from(ALPHABET), max_size=60),
-       cuts=st.lists(st.integers(0, 4000), max_size=12))
-def test_line_protocol_over_tcp(servers: dict[int, EchoServer], limit: int,
-                                pieces: list[bytes], cuts: list[int]) -> None:
+@given(
+    limit=st.integers(1, 64),
+    pieces=st.lists(st.sampled_from(ALPHABET), max_size=60),
+    cuts=st.lists(st.integers(0, 4000), max_size=12),
+)
+def test_line_protocol_over_tcp(
+    servers: dict[int, EchoServer], limit: int, pieces: list[bytes], cuts: list[int]
+) -> None:
     """Random bytes in random chunks: every line within the limit echoed once, in order;
     nothing beyond the limit is held (a line that breaks it is refused before its newline)."""
     srv = server_for(servers, limit)

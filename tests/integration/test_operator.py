@@ -80,24 +80,30 @@ class Operated:
     def conn(self, client: Client) -> Connection:
         """The server's Connection for a test client (found by its address)."""
         peer = f"127.0.0.1:{client.sock.getsockname()[1]}"
-        conn: Connection = wait_for(lambda: next((c for c in self.service.registry.snapshot()
-                                                  if c.peer == peer), None),
-                                    what=f"client {peer}")
+        conn: Connection = wait_for(
+            lambda: next((c for c in self.service.registry.snapshot() if c.peer == peer), None),
+            what=f"client {peer}",
+        )
         return conn
 
 
 @pytest.fixture
-def make_operated(captured_logs: CapturedLogs, ctl_dir: Path
-                  ) -> Iterator[Callable[..., Operated]]:
+def make_operated(captured_logs: CapturedLogs, ctl_dir: Path) -> Iterator[Callable[..., Operated]]:
     made: list[Operated] = []
 
     def make(**overrides: Any) -> Operated:
         path = ctl_dir / "run" / "control.sock"
-        settings = Settings(**{"host": "127.0.0.1", "port": 0, "foreground": True,
-                               "control_socket": path, **overrides})
+        settings = Settings(
+            **{
+                "host": "127.0.0.1",
+                "port": 0,
+                "foreground": True,
+                "control_socket": path,
+                **overrides,
+            }
+        )
         service = Service(settings)
-        thread = threading.Thread(target=service.server.serve_forever, args=(0.05,),
-                                  daemon=True)
+        thread = threading.Thread(target=service.server.serve_forever, args=(0.05,), daemon=True)
         thread.start()
         assert service.control is not None
         service.control.start()
@@ -130,8 +136,9 @@ def parse_row(row: str) -> dict[str, str]:
 # -- pushing ---------------------------------------------------------------------
 
 
-def test_send_to_one_client(echod: Operated, session: Session,
-                            connect: Callable[..., Client]) -> None:
+def test_send_to_one_client(
+    echod: Operated, session: Session, connect: Callable[..., Client]
+) -> None:
     a, b = connect(echod.port), connect(echod.port)
     a_id, b_id = echod.conn(a).id, echod.conn(b).id
     assert session.ask(f"/send {a_id} hello a") == [f"OK sent to client {a_id}"]
@@ -142,8 +149,9 @@ def test_send_to_one_client(echod: Operated, session: Session,
     assert b.readline() == b"Server says: hello b\n"
 
 
-def test_broadcast_to_all_clients(echod: Operated, session: Session,
-                                  connect: Callable[..., Client]) -> None:
+def test_broadcast_to_all_clients(
+    echod: Operated, session: Session, connect: Callable[..., Client]
+) -> None:
     clients = [connect(echod.port) for _ in range(3)]
     for c in clients:
         echod.conn(c)
@@ -154,8 +162,9 @@ def test_broadcast_to_all_clients(echod: Operated, session: Session,
         assert c.readline() == b"Server says: plain text broadcasts too\n"
 
 
-def test_push_and_echo_share_the_line_order(echod: Operated, session: Session,
-                                            connect: Callable[..., Client]) -> None:
+def test_push_and_echo_share_the_line_order(
+    echod: Operated, session: Session, connect: Callable[..., Client]
+) -> None:
     c = connect(echod.port)
     assert c.roundtrip(b"one\n") == b"one\n"
     assert session.ask("/broadcast two")[0].startswith("OK")
@@ -181,31 +190,45 @@ def test_list_fields(echod: Operated, session: Session, connect: Callable[..., C
     ra, rb = rows[a_id], rows[b_id]
     assert ra["addr"] == f"127.0.0.1:{a.sock.getsockname()[1]}"
     assert rb["addr"] == f"127.0.0.1:{b.sock.getsockname()[1]}"
-    assert (ra["bytes_in"], ra["bytes_out"], ra["lines_in"], ra["lines_out"]) == ("6", "6", "1",
-                                                                                  "1")
-    assert (rb["bytes_in"], rb["bytes_out"], rb["lines_in"], rb["lines_out"]) == ("0", "0", "0",
-                                                                                  "0")
+    assert (ra["bytes_in"], ra["bytes_out"], ra["lines_in"], ra["lines_out"]) == (
+        "6",
+        "6",
+        "1",
+        "1",
+    )
+    assert (rb["bytes_in"], rb["bytes_out"], rb["lines_in"], rb["lines_out"]) == (
+        "0",
+        "0",
+        "0",
+        "0",
+    )
     for r in (ra, rb):
         assert float(r["age"].removesuffix("s")) >= float(r["idle"].removesuffix("s")) >= 0
 
 
-def test_kick_with_reason(echod: Operated, session: Session, connect: Callable[..., Client],
-                          captured_logs: CapturedLogs) -> None:
+def test_kick_with_reason(
+    echod: Operated, session: Session, connect: Callable[..., Client], captured_logs: CapturedLogs
+) -> None:
     a, b = connect(echod.port), connect(echod.port)
     a_id = echod.conn(a).id
     echod.conn(b)
     assert session.ask(f"/kick {a_id} see you later") == [f"OK kicked client {a_id}"]
     assert a.read_all() == b"Server says: see you later\n"
-    closed = wait_for(lambda: [e for e in captured_logs.named("connection_closed")
-                               if e["client"] == a_id], what="connection_closed")
+    closed = wait_for(
+        lambda: [e for e in captured_logs.named("connection_closed") if e["client"] == a_id],
+        what="connection_closed",
+    )
     assert closed[0]["reason"] == "kicked"
     assert b.roundtrip(b"still here\n") == b"still here\n"
-    assert session.ask(f"/kick {a_id}") in ([f"ERR no client {a_id} (see /list)"],
-                                            [f"ERR client {a_id} is already disconnecting"])
+    assert session.ask(f"/kick {a_id}") in (
+        [f"ERR no client {a_id} (see /list)"],
+        [f"ERR client {a_id} is already disconnecting"],
+    )
 
 
-def test_kick_without_reason(echod: Operated, session: Session,
-                             connect: Callable[..., Client]) -> None:
+def test_kick_without_reason(
+    echod: Operated, session: Session, connect: Callable[..., Client]
+) -> None:
     a = connect(echod.port)
     a_id = echod.conn(a).id
     assert session.ask(f"/kick {a_id}") == [f"OK kicked client {a_id}"]
@@ -214,8 +237,9 @@ def test_kick_without_reason(echod: Operated, session: Session,
     assert session.ask("/list") == ["OK 0 clients"]
 
 
-def test_stats_counters(make_operated: Callable[..., Operated],
-                        connect: Callable[..., Client]) -> None:
+def test_stats_counters(
+    make_operated: Callable[..., Operated], connect: Callable[..., Client]
+) -> None:
     echod = make_operated(max_clients=2)
     session = Session(echod.path)
     try:
@@ -235,10 +259,19 @@ def test_stats_counters(make_operated: Callable[..., Operated],
         assert answer[0] == "OK stats"
         stats = dict(line.split("=", 1) for line in answer[1:])
         assert {k: stats[k] for k in stats if k != "uptime"} == {
-            "connected": "1", "max_clients": "2", "total_accepted": "2", "rejected": "1",
-            "lines_in": "3", "lines_out": "4", "bytes_in": str(6 + 4 + 5),
-            "bytes_out": str(6 + 4 + 4), "max_line": "1024", "idle_timeout": "300s",
-            "line_timeout": "60s", "send_timeout": "10s", "shutdown_timeout": "5s",
+            "connected": "1",
+            "max_clients": "2",
+            "total_accepted": "2",
+            "rejected": "1",
+            "lines_in": "3",
+            "lines_out": "4",
+            "bytes_in": str(6 + 4 + 5),
+            "bytes_out": str(6 + 4 + 4),
+            "max_line": "1024",
+            "idle_timeout": "300s",
+            "line_timeout": "60s",
+            "send_timeout": "10s",
+            "shutdown_timeout": "5s",
             "backlog": "4096",
         }
         assert float(stats["uptime"].removesuffix("s")) >= 0
@@ -249,8 +282,9 @@ def test_stats_counters(make_operated: Callable[..., Operated],
 # -- errors --------------------------------------------------------------------
 
 
-def test_unknown_id_and_command_get_err_and_the_session_goes_on(echod: Operated,
-                                                                session: Session) -> None:
+def test_unknown_id_and_command_get_err_and_the_session_goes_on(
+    echod: Operated, session: Session
+) -> None:
     assert session.ask("/send 424242 hi") == ["ERR no client 424242 (see /list)"]
     assert session.ask("/kick 424242") == ["ERR no client 424242 (see /list)"]
     assert session.ask("/send x hi") == ["ERR bad client id 'x' (ids are numbers, see /list)"]
@@ -258,20 +292,21 @@ def test_unknown_id_and_command_get_err_and_the_session_goes_on(echod: Operated,
     assert session.ask("/help")[0] == "OK commands"
 
 
-def test_over_long_and_multi_line_operator_text(make_operated: Callable[..., Operated],
-                                                connect: Callable[..., Client]) -> None:
+def test_over_long_and_multi_line_operator_text(
+    make_operated: Callable[..., Operated], connect: Callable[..., Client]
+) -> None:
     echod = make_operated(max_line=32)
     session = Session(echod.path)
     try:
         c = connect(echod.port)
         c_id = echod.conn(c).id
         assert session.ask("/broadcast " + "x" * 33) == ["ERR text too long (33 bytes, max 32)"]
-        assert session.ask(f"/send {c_id} " + "y" * 33) == ["ERR text too long (33 bytes, "
-                                                             "max 32)"]
+        assert session.ask(f"/send {c_id} " + "y" * 33) == ["ERR text too long (33 bytes, max 32)"]
         assert session.ask("/broadcast a\rb") == ["ERR text must be one line (no CR or LF)"]
         # Far beyond any valid command: refused whole, and the session goes on.
         assert session.ask("/broadcast " + "z" * 200_000) == [
-            "ERR command too long (operator text is at most 32 bytes)"]
+            "ERR command too long (operator text is at most 32 bytes)"
+        ]
         assert session.ask("/broadcast " + "k" * 32) == ["OK sent to 1 client"]
         # Nothing refused reached the client: the first line it gets is the last push.
         assert c.readline() == b"Server says: " + b"k" * 32 + b"\n"
@@ -280,8 +315,7 @@ def test_over_long_and_multi_line_operator_text(make_operated: Callable[..., Ope
         session.close()
 
 
-def test_commands_are_answered_in_order_when_pipelined(echod: Operated,
-                                                       session: Session) -> None:
+def test_commands_are_answered_in_order_when_pipelined(echod: Operated, session: Session) -> None:
     session.sock.sendall(b"/list\n\n/nope\n/help\n/stats\n")
     assert session.read_answer() == ["OK 0 clients"]  # the blank line got no answer
     assert session.read_answer()[0] == "ERR unknown command '/nope' (try /help)"
@@ -308,8 +342,9 @@ def test_shutdown_requests_a_graceful_stop(echod: Operated, session: Session) ->
 # -- concurrency: whole lines, no lock across I/O ------------------------------------
 
 
-def test_operator_lines_never_land_inside_echoed_lines(echod: Operated, session: Session,
-                                                       connect: Callable[..., Client]) -> None:
+def test_operator_lines_never_land_inside_echoed_lines(
+    echod: Operated, session: Session, connect: Callable[..., Client]
+) -> None:
     client = connect(echod.port)
     echod.conn(client)
     n_lines, n_pushes = 3000, 300
@@ -319,7 +354,7 @@ def test_operator_lines_never_land_inside_echoed_lines(echod: Operated, session:
 
     def writer() -> None:
         for i in range(0, n_lines, 10):
-            client.send(b"".join(sent[i:i + 10]))
+            client.send(b"".join(sent[i : i + 10]))
 
     def reader() -> None:
         while len(received) < n_lines + n_pushes:
@@ -343,8 +378,9 @@ def test_operator_lines_never_land_inside_echoed_lines(echod: Operated, session:
     assert says == pushes  # every push whole and in order
 
 
-def _flood_until_stalled(sock: socket.socket, limit_bytes: int = 256 << 20,
-                         limit_seconds: float = 20.0) -> int:
+def _flood_until_stalled(
+    sock: socket.socket, limit_bytes: int = 256 << 20, limit_seconds: float = 20.0
+) -> int:
     """Send lines without ever reading until the server stops taking them."""
     chunk = (b"s" * 999 + b"\n") * 64
     sock.setblocking(False)
@@ -365,9 +401,11 @@ def _flood_until_stalled(sock: socket.socket, limit_bytes: int = 256 << 20,
     return sent
 
 
-def test_a_client_that_never_reads_slows_nobody(make_operated: Callable[..., Operated],
-                                                connect: Callable[..., Client],
-                                                captured_logs: CapturedLogs) -> None:
+def test_a_client_that_never_reads_slows_nobody(
+    make_operated: Callable[..., Operated],
+    connect: Callable[..., Client],
+    captured_logs: CapturedLogs,
+) -> None:
     echod = make_operated(send_timeout=2.0)
     session = Session(echod.path)
     try:
@@ -377,13 +415,17 @@ def test_a_client_that_never_reads_slows_nobody(make_operated: Callable[..., Ope
         slow.connect(("127.0.0.1", echod.port))
         other = connect(echod.port)
         peer = f"127.0.0.1:{slow.getsockname()[1]}"
-        slow_conn = wait_for(lambda: next((c for c in echod.service.registry.snapshot()
-                                           if c.peer == peer), None), what="slow client")
+        slow_conn = wait_for(
+            lambda: next((c for c in echod.service.registry.snapshot() if c.peer == peer), None),
+            what="slow client",
+        )
         echod.conn(other)
         assert _flood_until_stalled(slow) > 0
         # While the server cannot write to the slow client (or has just dropped it):
-        wait_for(lambda: slow_conn.stalled_since is not None or slow_conn.end_reason,
-                 what="the server to stall on the slow client")
+        wait_for(
+            lambda: slow_conn.stalled_since is not None or slow_conn.end_reason,
+            what="the server to stall on the slow client",
+        )
         lock = echod.service.registry._lock
         assert lock.acquire(timeout=1.0), "the registry lock is held across I/O"
         lock.release()
@@ -392,8 +434,12 @@ def test_a_client_that_never_reads_slows_nobody(make_operated: Callable[..., Ope
         assert answer[0].startswith("OK sent to ")
         assert other.readline() == b"Server says: everyone\n"
         assert session.ask("/list")[0].startswith("OK")
-        closed = wait_for(lambda: [e for e in captured_logs.named("connection_closed")
-                                   if e["client"] == slow_conn.id], what="slow client dropped")
+        closed = wait_for(
+            lambda: [
+                e for e in captured_logs.named("connection_closed") if e["client"] == slow_conn.id
+            ],
+            what="slow client dropped",
+        )
         assert closed[0]["reason"] == "slow_reader"
         assert other.roundtrip(b"after\n") == b"after\n"
         slow.close()
@@ -427,14 +473,21 @@ def _as_nobody(path: Path) -> subprocess.CompletedProcess[bytes]:
     It sends nothing, only reads: a command sent after the refusal would fail
     with EPIPE, and socat gives up on EPIPE without reading what is waiting.
     """
-    return subprocess.run(["socat", "-t", "2", "-T", "5", "-", f"UNIX-CONNECT:{path}"],
-                          input=b"", capture_output=True, timeout=TIMEOUT,
-                          user=NOBODY, group=NOBODY, extra_groups=[])
+    return subprocess.run(
+        ["socat", "-t", "2", "-T", "5", "-", f"UNIX-CONNECT:{path}"],
+        input=b"",
+        capture_output=True,
+        timeout=TIMEOUT,
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=[],
+    )
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
 def test_another_uid_is_refused_by_the_file_and_by_so_peercred(
-        echod: Operated, ctl_dir: Path, captured_logs: CapturedLogs) -> None:
+    echod: Operated, ctl_dir: Path, captured_logs: CapturedLogs
+) -> None:
     os.chmod(ctl_dir, 0o711)  # let nobody reach echod's own directory
     # Layer 1: the 0700 directory and 0600 socket keep nobody from connecting at all.
     result = _as_nobody(echod.path)
@@ -512,15 +565,23 @@ def test_close_leaves_a_replaced_socket_file_alone(ctl_dir: Path) -> None:
         newer.close()
 
 
-@pytest.mark.parametrize(("setup", "message"), [
-    ("regular_file", "{path} exists and is not a socket; remove it or choose another "
-                     "--control-socket"),
-    ("dir_is_file", "control socket directory {dir} is not a directory"),
-    ("world_writable", "control socket directory {dir} is writable by other users; choose a "
-                       "private directory for --control-socket"),
-    ("foreign_owner", "control socket directory {dir} belongs to another user (uid 65534)"),
-    ("too_long", "control socket path {path} is too long (at most 107 bytes)"),
-])
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (
+            "regular_file",
+            "{path} exists and is not a socket; remove it or choose another --control-socket",
+        ),
+        ("dir_is_file", "control socket directory {dir} is not a directory"),
+        (
+            "world_writable",
+            "control socket directory {dir} is writable by other users; choose a "
+            "private directory for --control-socket",
+        ),
+        ("foreign_owner", "control socket directory {dir} belongs to another user (uid 65534)"),
+        ("too_long", "control socket path {path} is too long (at most 107 bytes)"),
+    ],
+)
 def test_unusable_paths_are_one_sentence(ctl_dir: Path, setup: str, message: str) -> None:
     d = ctl_dir / "sub"
     path = d / "control.sock"
@@ -558,8 +619,9 @@ def test_at_most_a_few_sessions(echod: Operated, captured_logs: CapturedLogs) ->
         extra.close()
         assert captured_logs.named("control_refused")[0]["reason"] == "too_many_sessions"
         sessions.pop().close()
-        wait_for(lambda: len(captured_logs.named("control_session_closed")) >= 1,
-                 what="a session to end")
+        wait_for(
+            lambda: len(captured_logs.named("control_session_closed")) >= 1, what="a session to end"
+        )
         again = Session(echod.path)
         sessions.append(again)
         assert again.ask("/list") == ["OK 0 clients"]
@@ -568,8 +630,9 @@ def test_at_most_a_few_sessions(echod: Operated, captured_logs: CapturedLogs) ->
             s.close()
 
 
-def test_idle_sessions_are_closed(echod: Operated, ctl_dir: Path,
-                                  captured_logs: CapturedLogs) -> None:
+def test_idle_sessions_are_closed(
+    echod: Operated, ctl_dir: Path, captured_logs: CapturedLogs
+) -> None:
     path = ctl_dir / "idle" / "control.sock"
     control = ControlServer(path, echod.service, idle_timeout=0.3)
     control.start()
@@ -579,8 +642,14 @@ def test_idle_sessions_are_closed(echod: Operated, ctl_dir: Path,
         assert s.read_answer() == ["ERR idle timeout, closing"]  # after 0.3 s of silence
         assert s.at_eof()
         s.close()
-        events = wait_for(lambda: [e for e in captured_logs.named("control_session_closed")
-                                   if e["reason"] == "idle_timeout"], what="session closed")
+        events = wait_for(
+            lambda: [
+                e
+                for e in captured_logs.named("control_session_closed")
+                if e["reason"] == "idle_timeout"
+            ],
+            what="session closed",
+        )
         assert events
     finally:
         control.close()

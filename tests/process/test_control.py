@@ -31,17 +31,25 @@ from tests.conftest import ROOT, TIMEOUT, Client, EchodProcess, roundtrip_once, 
 pytestmark = pytest.mark.timeout(120)
 
 
-def run_echod(*args: str, stdin: bytes | str = b"", text: bool = False
-              ) -> subprocess.CompletedProcess[Any]:
+def run_echod(
+    *args: str, stdin: bytes | str = b"", text: bool = False
+) -> subprocess.CompletedProcess[Any]:
     """``python -m echod ARGS`` to completion (``ctl``, ``console``, a failing start)."""
     data: bytes | str = stdin.decode() if text and isinstance(stdin, bytes) else stdin
-    return subprocess.run([sys.executable, "-m", "echod", *args], input=data,
-                          capture_output=True, text=text, timeout=3 * TIMEOUT, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "echod", *args],
+        input=data,
+        capture_output=True,
+        text=text,
+        timeout=3 * TIMEOUT,
+        cwd=ROOT,
+    )
 
 
 def ctl(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     result: subprocess.CompletedProcess[str] = run_echod(
-        "ctl", "--control-socket", str(path), *args, text=True)
+        "ctl", "--control-socket", str(path), *args, text=True
+    )
     return result
 
 
@@ -81,15 +89,17 @@ class Reader:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(f"no {pattern!r} within {timeout}s; seen: "
-                                     f"{b''.join(self.seen)[-2000:]!r}")
+                raise AssertionError(
+                    f"no {pattern!r} within {timeout}s; seen: {b''.join(self.seen)[-2000:]!r}"
+                )
             try:
                 line = self.next(remaining)
             except queue.Empty:
                 continue
             if line is None:
-                raise AssertionError(f"stream ended before {pattern!r}; seen: "
-                                     f"{b''.join(self.seen)[-2000:]!r}")
+                raise AssertionError(
+                    f"stream ended before {pattern!r}; seen: {b''.join(self.seen)[-2000:]!r}"
+                )
             if pattern in line:
                 return line
 
@@ -99,8 +109,12 @@ def nc_client() -> Iterator[Callable[[int], tuple[subprocess.Popen[bytes], Reade
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(port: int) -> tuple[subprocess.Popen[bytes], Reader]:
-        proc = subprocess.Popen(["nc", "127.0.0.1", str(port)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            ["nc", "127.0.0.1", str(port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         procs.append(proc)
         assert proc.stdout is not None
         return proc, Reader(proc.stdout)
@@ -115,8 +129,9 @@ def nc_client() -> Iterator[Callable[[int], tuple[subprocess.Popen[bytes], Reade
 # -- echod ctl ---------------------------------------------------------------------
 
 
-def test_ctl_sees_and_pushes_to_an_nc_client(daemon: EchodProcess, sock_path: Path,
-                                             nc_client: Callable[..., Any]) -> None:
+def test_ctl_sees_and_pushes_to_an_nc_client(
+    daemon: EchodProcess, sock_path: Path, nc_client: Callable[..., Any]
+) -> None:
     nc, out = nc_client(daemon.port)
     nc.stdin.write(b"hi\n")
     nc.stdin.flush()
@@ -160,8 +175,10 @@ def test_ctl_exit_codes(daemon: EchodProcess, sock_path: Path, ctl_dir: Path) ->
     assert unknown_id.stderr == "ERR no client 99 (see /list)\n"
 
     unknown = ctl(sock_path, "frobnicate")
-    assert (unknown.returncode, unknown.stderr) == (1, "ERR unknown command '/frobnicate' "
-                                                       "(try /help)\n")
+    assert (unknown.returncode, unknown.stderr) == (
+        1,
+        "ERR unknown command '/frobnicate' (try /help)\n",
+    )
 
     multi = ctl(sock_path, "broadcast", "two\nlines")
     assert (multi.returncode, multi.stderr) == (1, "ERR text must be one line (no CR or LF)\n")
@@ -189,8 +206,9 @@ def test_ctl_on_a_stale_socket_file_says_no_daemon(ctl_dir: Path) -> None:
     assert result.stderr == f"echod: no echod is listening on control socket {path}\n"
 
 
-def test_ctl_shutdown_stops_echod_and_removes_the_socket(daemon: EchodProcess,
-                                                         sock_path: Path) -> None:
+def test_ctl_shutdown_stops_echod_and_removes_the_socket(
+    daemon: EchodProcess, sock_path: Path
+) -> None:
     client = Client(daemon.port)
     try:
         assert client.roundtrip(b"hi\n") == b"hi\n"
@@ -210,9 +228,12 @@ def test_ctl_shutdown_stops_echod_and_removes_the_socket(daemon: EchodProcess,
 
 
 def test_plain_socat_session(daemon: EchodProcess, sock_path: Path) -> None:
-    result = subprocess.run(["socat", "-t", "5", "-", f"UNIX-CONNECT:{sock_path}"],
-                            input=b"/list\n/bogus\n\n/stats\n", capture_output=True,
-                            timeout=TIMEOUT)
+    result = subprocess.run(
+        ["socat", "-t", "5", "-", f"UNIX-CONNECT:{sock_path}"],
+        input=b"/list\n/bogus\n\n/stats\n",
+        capture_output=True,
+        timeout=TIMEOUT,
+    )
     assert result.returncode == 0, result.stderr
     answers = result.stdout.decode().split("\n\n")
     assert answers[0] == "OK 0 clients"
@@ -224,8 +245,12 @@ def test_plain_socat_session(daemon: EchodProcess, sock_path: Path) -> None:
 def test_echod_console_session_from_a_pipe(daemon: EchodProcess, sock_path: Path) -> None:
     client = Client(daemon.port)
     try:
-        result = run_echod("console", "--control-socket", str(sock_path),
-                           stdin=b"/list\n\nhello from the console\n/send 99 x\n")
+        result = run_echod(
+            "console",
+            "--control-socket",
+            str(sock_path),
+            stdin=b"/list\n\nhello from the console\n/send 99 x\n",
+        )
         assert result.returncode == 0, result.stderr
         lines = result.stdout.decode().splitlines()
         assert lines[0] == "OK 1 client"
@@ -246,18 +271,20 @@ def test_echod_console_without_a_daemon(ctl_dir: Path) -> None:
 # -- the control socket's life ----------------------------------------------------------
 
 
-def test_a_second_echod_on_the_same_control_socket_is_refused(daemon: EchodProcess,
-                                                              sock_path: Path) -> None:
-    result = run_echod("--foreground", "--port", "0", "--control-socket", str(sock_path),
-                       text=True)
+def test_a_second_echod_on_the_same_control_socket_is_refused(
+    daemon: EchodProcess, sock_path: Path
+) -> None:
+    result = run_echod("--foreground", "--port", "0", "--control-socket", str(sock_path), text=True)
     assert result.returncode == 1
-    assert result.stderr == ("echod: another echod is already listening on control socket "
-                             f"{sock_path}\n")
+    assert result.stderr == (
+        f"echod: another echod is already listening on control socket {sock_path}\n"
+    )
     assert ctl(sock_path, "list").returncode == 0  # the first one is untouched
 
 
-def test_a_killed_echods_socket_is_recovered(spawn_echod: Callable[..., EchodProcess],
-                                             sock_path: Path) -> None:
+def test_a_killed_echods_socket_is_recovered(
+    spawn_echod: Callable[..., EchodProcess], sock_path: Path
+) -> None:
     first = spawn_echod("--control-socket", str(sock_path))
     first.signal(signal.SIGKILL)
     first.wait()
@@ -275,12 +302,19 @@ def test_an_unusable_control_socket_path_is_one_sentence(ctl_dir: Path) -> None:
     assert result.stderr == f"echod: control socket directory {path.parent} is not a directory\n"
 
 
-def test_detached_echod_is_operated_through_the_socket(ctl_dir: Path, sock_path: Path
-                                                       ) -> None:
+def test_detached_echod_is_operated_through_the_socket(ctl_dir: Path, sock_path: Path) -> None:
     log = ctl_dir / "echod.log"
-    started = run_echod("--port", "0", "--control-socket", str(sock_path),
-                        "--pidfile", str(ctl_dir / "echod.pid"), "--log-file", str(log),
-                        text=True)
+    started = run_echod(
+        "--port",
+        "0",
+        "--control-socket",
+        str(sock_path),
+        "--pidfile",
+        str(ctl_dir / "echod.pid"),
+        "--log-file",
+        str(log),
+        text=True,
+    )
     assert started.returncode == 0, started.stderr
     match = re.search(r":(\d+) \(pid (\d+)\)", started.stdout)
     assert match, started.stdout
@@ -300,8 +334,9 @@ def test_detached_echod_is_operated_through_the_socket(ctl_dir: Path, sock_path:
         wait_for(lambda: not is_alive(pid), what="the daemon to exit")
         assert not sock_path.exists()
         events = [json.loads(line) for line in log.read_text().splitlines()]
-        assert any(e["event"] == "operator_command" and e.get("command") == "shutdown"
-                   for e in events)
+        assert any(
+            e["event"] == "operator_command" and e.get("command") == "shutdown" for e in events
+        )
     finally:
         if is_alive(pid):
             os.kill(pid, signal.SIGKILL)
@@ -315,9 +350,24 @@ class StdinEchod:
 
     def __init__(self, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "echod", "--foreground", "--port", "0", "--control-socket",
-             "none", "--log-format", "json", *args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+            [
+                sys.executable,
+                "-m",
+                "echod",
+                "--foreground",
+                "--port",
+                "0",
+                "--control-socket",
+                "none",
+                "--log-format",
+                "json",
+                *args,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+        )
         assert self.proc.stdout and self.proc.stderr and self.proc.stdin
         self.stdin = self.proc.stdin
         self.out = Reader(self.proc.stdout)
@@ -386,11 +436,17 @@ def test_no_console_without_a_terminal() -> None:
 
 def test_console_under_a_real_terminal(nc_client: Callable[..., Any]) -> None:
     """--foreground with stdin a TTY turns the console on by itself (script gives it a pty)."""
-    command = (f"{sys.executable} -m echod --foreground --port 0 --control-socket none "
-               "--log-format json")
-    proc = subprocess.Popen(["script", "-qfec", command, "/dev/null"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
-                            env={**os.environ, "NO_COLOR": "1"})
+    command = (
+        f"{sys.executable} -m echod --foreground --port 0 --control-socket none --log-format json"
+    )
+    proc = subprocess.Popen(
+        ["script", "-qfec", command, "/dev/null"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
     assert proc.stdin and proc.stdout
     out = Reader(proc.stdout)
     pid = None

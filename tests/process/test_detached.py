@@ -50,9 +50,15 @@ ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 def echod(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run ``python -m echod ARGS`` to completion (umask 022); stdout/stderr captured."""
     kwargs.setdefault("umask", 0o022)
-    return subprocess.run([sys.executable, "-m", "echod", *args], stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=START_TIMEOUT, cwd=ROOT,
-                          **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "echod", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        cwd=ROOT,
+        **kwargs,
+    )
 
 
 def one_line(text: str) -> str:
@@ -69,8 +75,9 @@ def events(log: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
-def wait_event(log: Path, name: str, where: Callable[[dict[str, Any]], bool] = lambda e: True
-               ) -> dict[str, Any]:
+def wait_event(
+    log: Path, name: str, where: Callable[[dict[str, Any]], bool] = lambda e: True
+) -> dict[str, Any]:
     def find() -> dict[str, Any] | None:
         return next((e for e in events(log) if e["event"] == name and where(e)), None)
 
@@ -106,20 +113,29 @@ class Daemons:
         self.dir = directory
         self.pids: list[int] = []
 
-    def run(self, *args: str, pidfile: Path | None = None, log: Path | None = None,
-            **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, pidfile: Path | None = None, log: Path | None = None, **kwargs: Any
+    ) -> subprocess.CompletedProcess[str]:
         """The start command with this test's defaults; records a reported pid."""
-        base = ["--port", "0", "--control-socket", "none",
-                "--pidfile", str(pidfile or self.dir / "echod.pid"),
-                "--log-file", str(log or self.dir / "echod.log")]
+        base = [
+            "--port",
+            "0",
+            "--control-socket",
+            "none",
+            "--pidfile",
+            str(pidfile or self.dir / "echod.pid"),
+            "--log-file",
+            str(log or self.dir / "echod.log"),
+        ]
         result = echod(*base, *args, **kwargs)
         match = STARTED.match(result.stdout.strip())
         if match:
             self.pids.append(int(match["pid"]))
         return result
 
-    def start(self, *args: str, pidfile: Path | None = None, log: Path | None = None,
-              **kwargs: Any) -> Daemon:
+    def start(
+        self, *args: str, pidfile: Path | None = None, log: Path | None = None, **kwargs: Any
+    ) -> Daemon:
         pidfile = pidfile or self.dir / "echod.pid"
         log = log or self.dir / "echod.log"
         result = self.run(*args, pidfile=pidfile, log=log, **kwargs)
@@ -127,8 +143,9 @@ class Daemons:
         assert result.stderr == ""
         match = STARTED.match(one_line(result.stdout))
         assert match, result.stdout
-        return Daemon(int(match["pid"]), match["host"], int(match["port"]), pidfile, log,
-                      result.stdout)
+        return Daemon(
+            int(match["pid"]), match["host"], int(match["port"]), pidfile, log, result.stdout
+        )
 
     def cleanup(self) -> None:
         for pid in self.pids:
@@ -227,15 +244,31 @@ while True:
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_stop_signal_is_a_graceful_stop_with_exit_status_0(
-        tmp_path: Path, daemons: Daemons, stop_signal: signal.Signals) -> None:
+    tmp_path: Path, daemons: Daemons, stop_signal: signal.Signals
+) -> None:
     pidfile, log = tmp_path / "echod.pid", tmp_path / "echod.log"
     reaper = subprocess.Popen(
-        [sys.executable, "-c", SUBREAPER, "--port", "0", "--control-socket", "none",
-         "--pidfile", str(pidfile), "--log-file", str(log)],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        [
+            sys.executable,
+            "-c",
+            SUBREAPER,
+            "--port",
+            "0",
+            "--control-socket",
+            "none",
+            "--pidfile",
+            str(pidfile),
+            "--log-file",
+            str(log),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     lines: queue.Queue[str] = queue.Queue()
     assert reaper.stdout is not None
     out = reaper.stdout
+
     def pump() -> None:
         for line in out:
             lines.put(line)
@@ -309,13 +342,13 @@ def test_port_in_use_is_reported_on_the_terminal(daemons: Daemons, tmp_path: Pat
     assert result.returncode == 1
     assert result.stdout == ""
     assert one_line(result.stderr) == (
-        f"echod: cannot listen on 127.0.0.1:{port}: the address is already in use")
+        f"echod: cannot listen on 127.0.0.1:{port}: the address is already in use"
+    )
     assert not (tmp_path / "echod.pid").exists()  # released, nothing left behind
     assert wait_event(tmp_path / "echod.log", "startup_failed")
 
 
-def test_an_unusable_log_file_is_reported_on_the_terminal(daemons: Daemons,
-                                                          tmp_path: Path) -> None:
+def test_an_unusable_log_file_is_reported_on_the_terminal(daemons: Daemons, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     result = daemons.run(log=tmp_path / "file" / "echod.log")
     assert result.returncode == 1
@@ -323,16 +356,16 @@ def test_an_unusable_log_file_is_reported_on_the_terminal(daemons: Daemons,
     assert not (tmp_path / "echod.pid").exists()
 
 
-def test_an_unusable_pidfile_is_reported_on_the_terminal(daemons: Daemons,
-                                                         tmp_path: Path) -> None:
+def test_an_unusable_pidfile_is_reported_on_the_terminal(daemons: Daemons, tmp_path: Path) -> None:
     (tmp_path / "echod.pid").mkdir()
     result = daemons.run()
     assert result.returncode == 1
     assert one_line(result.stderr).startswith(f"echod: cannot open pidfile {tmp_path}")
 
 
-def test_an_unusable_control_socket_is_reported_on_the_terminal(daemons: Daemons,
-                                                                tmp_path: Path) -> None:
+def test_an_unusable_control_socket_is_reported_on_the_terminal(
+    daemons: Daemons, tmp_path: Path
+) -> None:
     (tmp_path / "file").write_text("")
     result = daemons.run("--control-socket", str(tmp_path / "file" / "control.sock"))
     assert result.returncode == 1
@@ -340,10 +373,13 @@ def test_an_unusable_control_socket_is_reported_on_the_terminal(daemons: Daemons
     assert not (tmp_path / "echod.pid").exists()
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--port", "70000"], "echod: argument --port: 70000 is out of range"),
-    (["--console"], "echod: --console needs --foreground"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "70000"], "echod: argument --port: 70000 is out of range"),
+        (["--console"], "echod: --console needs --foreground"),
+    ],
+)
 def test_bad_usage_is_exit_status_2(daemons: Daemons, args: list[str], message: str) -> None:
     result = daemons.run(*args)
     assert result.returncode == 2
@@ -357,7 +393,9 @@ def test_status_and_stop_exit_codes(daemons: Daemons, tmp_path: Path) -> None:
     pidfile = str(tmp_path / "echod.pid")
     status = echod("status", "--pidfile", pidfile)
     assert (status.returncode, status.stdout.strip()) == (
-        3, f"echod is not running (no pidfile {pidfile})")
+        3,
+        f"echod is not running (no pidfile {pidfile})",
+    )
     d = daemons.start()
     status = echod("status", "--pidfile", pidfile)
     assert (status.returncode, status.stdout.strip()) == (0, f"echod is running (pid {d.pid})")
@@ -369,7 +407,9 @@ def test_status_and_stop_exit_codes(daemons: Daemons, tmp_path: Path) -> None:
     assert echod("status", "--pidfile", pidfile).returncode == 3
     again = echod("stop", "--pidfile", pidfile)  # stopping a stopped service succeeds (LSB)
     assert (again.returncode, again.stdout.strip()) == (
-        0, f"echod is not running (no pidfile {pidfile})")
+        0,
+        f"echod is not running (no pidfile {pidfile})",
+    )
 
 
 def test_stale_pidfile_is_status_1_and_stop_removes_it(tmp_path: Path) -> None:
@@ -399,8 +439,11 @@ time.sleep(60)
 def test_stop_never_signals_a_pid_that_does_not_hold_the_pidfile(tmp_path: Path) -> None:
     pidfile = tmp_path / "echod.pid"
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(pidfile), str(bystander.pid)],
-                              stdout=subprocess.PIPE, text=True)
+    locker = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, str(pidfile), str(bystander.pid)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert locker.stdout is not None
         assert locker.stdout.readline() == "locked\n"
@@ -424,7 +467,8 @@ def test_stop_gives_up_after_its_timeout(daemons: Daemons) -> None:
         stop = echod("stop", "--pidfile", str(d.pidfile), "--timeout", "0.5")
         assert stop.returncode == 1
         assert one_line(stop.stderr) == (
-            f"echod: echod (pid {d.pid}) did not stop within 0.5 seconds")
+            f"echod: echod (pid {d.pid}) did not stop within 0.5 seconds"
+        )
     finally:
         os.kill(d.pid, signal.SIGCONT)
     # The SIGTERM is pending; once it may run, the daemon stops as usual.
@@ -445,14 +489,14 @@ def shared_dir() -> Iterator[Path]:
 
 
 @ROOT_ONLY
-def test_user_nobody_binds_as_root_then_serves_as_nobody(daemons: Daemons,
-                                                         shared_dir: Path) -> None:
+def test_user_nobody_binds_as_root_then_serves_as_nobody(
+    daemons: Daemons, shared_dir: Path
+) -> None:
     run_dir, log_dir = shared_dir / "run", shared_dir / "log"
     run_dir.mkdir()
     log_dir.mkdir()
     os.chown(run_dir, 65534, 65534)  # so that nobody can remove its pidfile at exit
-    d = daemons.start("--user", "nobody", pidfile=run_dir / "echod.pid",
-                      log=log_dir / "echod.log")
+    d = daemons.start("--user", "nobody", pidfile=run_dir / "echod.pid", log=log_dir / "echod.log")
     status = proc_status(d.pid)
     assert status["Uid"].split() == ["65534"] * 4  # real, effective, saved, fs
     assert status["Gid"].split() == ["65534"] * 4
@@ -473,9 +517,11 @@ def test_user_nobody_binds_as_root_then_serves_as_nobody(daemons: Daemons,
 
 @ROOT_ONLY
 def test_user_nobody_with_a_root_owned_pidfile_directory_empties_it(
-        daemons: Daemons, shared_dir: Path) -> None:
-    d = daemons.start("--user", "nobody", pidfile=shared_dir / "echod.pid",
-                      log=shared_dir / "echod.log")
+    daemons: Daemons, shared_dir: Path
+) -> None:
+    d = daemons.start(
+        "--user", "nobody", pidfile=shared_dir / "echod.pid", log=shared_dir / "echod.log"
+    )
     assert proc_status(d.pid)["Uid"].split() == ["65534"] * 4
     assert echod("stop", "--pidfile", str(d.pidfile)).returncode == 0
     assert wait_event(d.log, "exited")["pidfile_removed"] is False
@@ -488,8 +534,9 @@ def test_user_nobody_with_a_root_owned_pidfile_directory_empties_it(
 
 @ROOT_ONLY
 def test_group_alone_changes_only_the_group(daemons: Daemons, shared_dir: Path) -> None:
-    d = daemons.start("--group", "nogroup", pidfile=shared_dir / "echod.pid",
-                      log=shared_dir / "echod.log")
+    d = daemons.start(
+        "--group", "nogroup", pidfile=shared_dir / "echod.pid", log=shared_dir / "echod.log"
+    )
     status = proc_status(d.pid)
     assert status["Uid"].split() == ["0"] * 4
     assert status["Gid"].split() == ["65534"] * 4
@@ -512,13 +559,31 @@ sys.exit(echod.cli.main(sys.argv[1:]))
 @ROOT_ONLY
 def test_user_without_root_is_a_clear_error(shared_dir: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-c", AS_NOBODY, "--port", "0", "--control-socket", "none",
-         "--user", "nobody", "--pidfile", str(shared_dir / "echod.pid"),
-         "--log-file", str(shared_dir / "echod.log")],
-        capture_output=True, text=True, timeout=START_TIMEOUT, cwd=ROOT)
+        [
+            sys.executable,
+            "-c",
+            AS_NOBODY,
+            "--port",
+            "0",
+            "--control-socket",
+            "none",
+            "--user",
+            "nobody",
+            "--pidfile",
+            str(shared_dir / "echod.pid"),
+            "--log-file",
+            str(shared_dir / "echod.log"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        cwd=ROOT,
+    )
     assert result.returncode == 2
-    assert one_line(result.stderr) == ("echod: --user and --group need echod to be started "
-                                       "as root (it binds, then switches to that user)")
+    assert one_line(result.stderr) == (
+        "echod: --user and --group need echod to be started "
+        "as root (it binds, then switches to that user)"
+    )
     assert not (shared_dir / "echod.pid").exists()
 
 
@@ -548,13 +613,17 @@ def test_the_daemons_sentence_is_the_error(pipe: tuple[int, int], tmp_path: Path
         wait_ready(r, TIMEOUT, tmp_path / "log")
 
 
-def test_a_pipe_closed_without_a_word_means_the_daemon_died(pipe: tuple[int, int],
-                                                            tmp_path: Path) -> None:
+def test_a_pipe_closed_without_a_word_means_the_daemon_died(
+    pipe: tuple[int, int], tmp_path: Path
+) -> None:
     r, w = pipe
     os.write(w, b"pid 4242\n")
     os.close(w)
-    with pytest.raises(DaemonDied, match=r"^the daemon \(pid 4242\) exited during start-up; "
-                                         rf"see {tmp_path}/log$"):
+    with pytest.raises(
+        DaemonDied,
+        match=r"^the daemon \(pid 4242\) exited during start-up; "
+        rf"see {tmp_path}/log$",
+    ):
         wait_ready(r, TIMEOUT, tmp_path / "log")
 
 

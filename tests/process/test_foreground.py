@@ -36,15 +36,25 @@ pytestmark = pytest.mark.skipif(NC is None, reason="nc (netcat-openbsd) is not i
 
 COMMANDS = [
     pytest.param([sys.executable, "-m", "echod"], id="python-m-echod"),
-    pytest.param(["echod"], id="echod-script", marks=pytest.mark.skipif(
-        ECHOD is None, reason="the echod console script is not installed (pip install -e .)")),
+    pytest.param(
+        ["echod"],
+        id="echod-script",
+        marks=pytest.mark.skipif(
+            ECHOD is None, reason="the echod console script is not installed (pip install -e .)"
+        ),
+    ),
 ]
 
 
 def nc(port: int, data: bytes, host: str = "127.0.0.1") -> bytes:
     """Pipe ``data`` through ``nc -N`` (shut down the socket at end of input); its output."""
-    done = subprocess.run([NC or "nc", "-N", host, str(port)], input=data, capture_output=True,
-                          timeout=TIMEOUT, check=False)
+    done = subprocess.run(
+        [NC or "nc", "-N", host, str(port)],
+        input=data,
+        capture_output=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -53,8 +63,12 @@ class Netcat:
     """``nc`` kept open through pipes, as a person typing lines into it."""
 
     def __init__(self, port: int, host: str = "127.0.0.1") -> None:
-        self.proc = subprocess.Popen([NC or "nc", "-N", host, str(port)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [NC or "nc", "-N", host, str(port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         self._lines: queue.Queue[bytes] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -99,8 +113,15 @@ def netcat() -> Iterator[Callable[..., Netcat]]:
 
 
 def run(cmd: list[str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=TIMEOUT,
-                          cwd=ROOT, stdin=subprocess.DEVNULL, check=False)
+    return subprocess.run(
+        [*cmd, *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
 
 
 def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
@@ -163,8 +184,7 @@ def test_nc_session_and_sigterm(spawn_echod: Spawn, netcat: Callable[..., Netcat
 
 def test_sigint_with_idle_clients(spawn_echod: Spawn) -> None:
     echod = spawn_echod("--log-level", "debug")
-    idle = [socket.create_connection(("127.0.0.1", echod.port), timeout=TIMEOUT)
-            for _ in range(3)]
+    idle = [socket.create_connection(("127.0.0.1", echod.port), timeout=TIMEOUT) for _ in range(3)]
     try:
         echod.wait_event("connection_opened", where=lambda e: e["client"] == 3)
         echod.signal(signal.SIGINT)
@@ -206,9 +226,22 @@ def test_ipv6_loopback(spawn_echod: Spawn) -> None:
 def test_console_log_format(netcat: Callable[..., Netcat]) -> None:
     """--log-format console: human key=value lines, no JSON, no colours off a terminal."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "echod", "--foreground", "--port", "0", "--control-socket",
-         "none", "--log-format", "console"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "echod",
+            "--foreground",
+            "--port",
+            "0",
+            "--control-socket",
+            "none",
+            "--log-format",
+            "console",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
     )
     lines: queue.Queue[bytes] = queue.Queue()
 
@@ -235,9 +268,11 @@ def test_console_log_format(netcat: Callable[..., Netcat]) -> None:
     rest: list[str] = [first]
     while raw := lines.get(timeout=TIMEOUT):
         rest.append(raw.decode())
-    assert [name for name in ("listening", "connection_closed", "stopping", "stopped")
-            if any(name in line for line in rest)] == ["listening", "connection_closed",
-                                                       "stopping", "stopped"]
+    assert [
+        name
+        for name in ("listening", "connection_closed", "stopping", "stopped")
+        if any(name in line for line in rest)
+    ] == ["listening", "connection_closed", "stopping", "stopped"]
     for line in rest:
         with pytest.raises(ValueError):
             json.loads(line)
@@ -261,14 +296,18 @@ def test_help_and_version(cmd: list[str]) -> None:
     assert version.stdout == f"echod {__version__}\n"
 
 
-@pytest.mark.skipif(ECHOD is None,
-                    reason="the echod console script is not installed (pip install -e .)")
+@pytest.mark.skipif(
+    ECHOD is None, reason="the echod console script is not installed (pip install -e .)"
+)
 def test_python_m_echod_is_echod() -> None:
     for args in (["--help"], ["--version"], ["--port", "x"], ["--nope"]):
         module = run([sys.executable, "-m", "echod"], *args)
         script = run([ECHOD or "echod"], *args)
         assert (module.returncode, module.stdout, module.stderr) == (
-            script.returncode, script.stdout, script.stderr), args
+            script.returncode,
+            script.stdout,
+            script.stderr,
+        ), args
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
@@ -276,18 +315,28 @@ def test_python_m_echod_is_echod() -> None:
     ("args", "status", "expected"),
     [
         (["--bogus"], 2, "echod: unrecognized arguments: --bogus (see 'echod --help')"),
-        (["--port", "65536"], 2,
-         "echod: argument --port: 65536 is out of range (must be from 0 to 65535) "
-         "(see 'echod --help')"),
-        (["--port", "seven"], 2,
-         "echod: argument --port: 'seven' is not a whole number (see 'echod --help')"),
-        (["--foreground", "--host", "192.0.2.1", "--port", "0", "--control-socket", "none"], 1,
-         "echod: cannot listen on 192.0.2.1:0: that address is not on this machine"),
+        (
+            ["--port", "65536"],
+            2,
+            "echod: argument --port: 65536 is out of range (must be from 0 to 65535) "
+            "(see 'echod --help')",
+        ),
+        (
+            ["--port", "seven"],
+            2,
+            "echod: argument --port: 'seven' is not a whole number (see 'echod --help')",
+        ),
+        (
+            ["--foreground", "--host", "192.0.2.1", "--port", "0", "--control-socket", "none"],
+            1,
+            "echod: cannot listen on 192.0.2.1:0: that address is not on this machine",
+        ),
     ],
     ids=["bad-flag", "port-out-of-range", "port-not-a-number", "unbindable-address"],
 )
-def test_errors_are_one_sentence(cmd: list[str], args: list[str], status: int,
-                                 expected: str) -> None:
+def test_errors_are_one_sentence(
+    cmd: list[str], args: list[str], status: int, expected: str
+) -> None:
     done = run(cmd, *args)
     assert one_error_line(done) == expected
     assert done.returncode == status
@@ -295,11 +344,20 @@ def test_errors_are_one_sentence(cmd: list[str], args: list[str], status: int,
 
 def test_port_in_use(spawn_echod: Spawn) -> None:
     first = spawn_echod()
-    done = run([sys.executable, "-m", "echod"], "--foreground", "--port", str(first.port),
-               "--control-socket", "none", "--log-format", "json")
+    done = run(
+        [sys.executable, "-m", "echod"],
+        "--foreground",
+        "--port",
+        str(first.port),
+        "--control-socket",
+        "none",
+        "--log-format",
+        "json",
+    )
     assert done.returncode == 1
     assert one_error_line(done) == (
-        f"echod: cannot listen on 127.0.0.1:{first.port}: the address is already in use")
+        f"echod: cannot listen on 127.0.0.1:{first.port}: the address is already in use"
+    )
     assert nc(first.port, b"first still serves\n") == b"first still serves\n"
 
 
@@ -317,18 +375,23 @@ def test_no_traceback_when_a_client_vanishes(spawn_echod: Spawn) -> None:
     all_json(echod)
 
 
-
-def test_a_reader_that_left_early_gets_no_traceback(spawn_echod: Callable[..., EchodProcess],
-                                                    ctl_dir: Path) -> None:
+def test_a_reader_that_left_early_gets_no_traceback(
+    spawn_echod: Callable[..., EchodProcess], ctl_dir: Path
+) -> None:
     # echod ctl stats | head -1: our stdout is a pipe nobody reads any more.
     sock = str(ctl_dir / "ctl.sock")
     spawn_echod("--control-socket", sock)
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        result = subprocess.run([sys.executable, "-m", "echod", "ctl", "--control-socket", sock,
-                                 "stats"], stdout=write_end, stderr=subprocess.PIPE, text=True,
-                                timeout=TIMEOUT, cwd=ROOT)
+        result = subprocess.run(
+            [sys.executable, "-m", "echod", "ctl", "--control-socket", sock, "stats"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=TIMEOUT,
+            cwd=ROOT,
+        )
     finally:
         os.close(write_end)
     assert "Traceback" not in result.stderr

@@ -21,8 +21,9 @@ def _many_descriptors() -> None:
 
 
 @pytest.fixture
-def echod(spawn_echod: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
-          tmp_path: Path) -> Iterator[Callable[..., Harness]]:
+def echod(
+    spawn_echod: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[Callable[..., Harness]]:
     """``echod(*args, preexec_fn=None)``: a real echod, warmed up, its baseline taken.
 
     It has a control socket (``Harness.ctl``) so tests can read ``/stats``.
@@ -31,15 +32,15 @@ def echod(spawn_echod: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
     passed to the shared fixture's Popen for that one spawn only.
     """
 
-    def start(*args: str, preexec_fn: Callable[[], None] | None = None,
-              **kwargs: Any) -> Harness:
+    def start(*args: str, preexec_fn: Callable[[], None] | None = None, **kwargs: Any) -> Harness:
         ctl = str(tmp_path / f"ctl{next(serial)}.sock")
         args = ("--control-socket", ctl, *args)
         if preexec_fn is None:
             return Harness(spawn_echod(*args, **kwargs), ctl)
         with monkeypatch.context() as patch:
-            patch.setattr(subprocess, "Popen",
-                          functools.partial(subprocess.Popen, preexec_fn=preexec_fn))
+            patch.setattr(
+                subprocess, "Popen", functools.partial(subprocess.Popen, preexec_fn=preexec_fn)
+            )
             proc = spawn_echod(*args, **kwargs)
         return Harness(proc, ctl)
 

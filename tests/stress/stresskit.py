@@ -87,8 +87,9 @@ def wait_threads(pid: int, threads: int, timeout: float) -> Sample:
         if now.threads <= threads:
             return now
         if time.monotonic() > deadline:
-            raise AssertionError(f"threads did not return to {threads} within {timeout}s: "
-                                 f"{now.threads}")
+            raise AssertionError(
+                f"threads did not return to {threads} within {timeout}s: {now.threads}"
+            )
         time.sleep(0.05)
 
 
@@ -147,8 +148,9 @@ class Swarm:
 
     # -- sending and receiving ---------------------------------------------
 
-    def send(self, payload: Callable[[int], bytes], which: Iterable[int],
-             timeout: float = 30.0) -> None:
+    def send(
+        self, payload: Callable[[int], bytes], which: Iterable[int], timeout: float = 30.0
+    ) -> None:
         """Send ``payload(i)`` on every client in ``which``, whole, while reading replies."""
         todo = {i: memoryview(payload(i)) for i in which}
         deadline = time.monotonic() + timeout
@@ -193,8 +195,13 @@ class Swarm:
         self.sel.unregister(self.socks[i])
         self._reading.discard(i)
 
-    def read_until(self, done: Callable[[int], bool], which: Iterable[int],
-                   timeout: float = 30.0, what: str = "replies") -> None:
+    def read_until(
+        self,
+        done: Callable[[int], bool],
+        which: Iterable[int],
+        timeout: float = 30.0,
+        what: str = "replies",
+    ) -> None:
         """Read until ``done(i)`` holds for every client in ``which`` (or it was closed)."""
         todo = {i for i in which if not done(i)}
         deadline = time.monotonic() + timeout
@@ -204,7 +211,8 @@ class Swarm:
                 example = min(todo)
                 raise AssertionError(
                     f"{len(todo)} clients still waiting for {what} after {timeout}s; "
-                    f"e.g. #{example} got {bytes(self.inbox[example][-200:])!r}")
+                    f"e.g. #{example} got {bytes(self.inbox[example][-200:])!r}"
+                )
             self.pump(min(remaining, 0.5), todo)
             todo = {i for i in todo if not done(i) and not self.eof[i]}
 
@@ -217,11 +225,14 @@ class Swarm:
         start = {i: len(self.inbox[i]) for i in which}
         lines = {i: b"hello from %d%s\n" % (i, tag) for i in which}
         self.send(lines.__getitem__, which, timeout)
-        self.read_until(lambda i: len(self.inbox[i]) - start[i] >= len(lines[i]), which,
-                        timeout, "their echo")
-        wrong = [i for i in which if bytes(self.inbox[i][start[i]:]) != lines[i]]
-        assert not wrong, (f"{len(wrong)} clients got a wrong echo, e.g. #{wrong[0]}: "
-                           f"{bytes(self.inbox[wrong[0]][start[wrong[0]]:])!r}")
+        self.read_until(
+            lambda i: len(self.inbox[i]) - start[i] >= len(lines[i]), which, timeout, "their echo"
+        )
+        wrong = [i for i in which if bytes(self.inbox[i][start[i] :]) != lines[i]]
+        assert not wrong, (
+            f"{len(wrong)} clients got a wrong echo, e.g. #{wrong[0]}: "
+            f"{bytes(self.inbox[wrong[0]][start[wrong[0]] :])!r}"
+        )
 
     # -- closing -----------------------------------------------------------
 
@@ -280,11 +291,15 @@ class Harness:
     # -- log events ----------------------------------------------------------
 
     def events(self, name: str, **match: Any) -> list[dict[str, Any]]:
-        return [e for e in self.proc.events if e.get("event") == name
-                and all(e.get(k) == v for k, v in match.items())]
+        return [
+            e
+            for e in self.proc.events
+            if e.get("event") == name and all(e.get(k) == v for k, v in match.items())
+        ]
 
-    def wait_count(self, name: str, n: int, timeout: float = 30.0,
-                   **match: Any) -> list[dict[str, Any]]:
+    def wait_count(
+        self, name: str, n: int, timeout: float = 30.0, **match: Any
+    ) -> list[dict[str, Any]]:
         """Wait until ``n`` events called ``name`` (with fields ``match``) were logged."""
         have = 0
 
@@ -298,8 +313,10 @@ class Harness:
                 self.proc.wait_event(name, timeout, enough)
             except AssertionError:
                 got = len(self.events(name, **match))
-                raise AssertionError(f"{got} of {n} {name} {match} events within {timeout}s; "
-                                     f"tail: {''.join(self.proc.raw_stderr)[-1500:]}") from None
+                raise AssertionError(
+                    f"{got} of {n} {name} {match} events within {timeout}s; "
+                    f"tail: {''.join(self.proc.raw_stderr)[-1500:]}"
+                ) from None
         return self.events(name, **match)
 
     def pump(self, seconds: float) -> None:
@@ -324,7 +341,8 @@ class Harness:
         now = wait_threads(self.pid, self.baseline.threads, timeout)
         assert now.rss - self.baseline.rss < rss_slack, (
             f"RSS {now.rss_mib} MiB, baseline {self.baseline.rss_mib} MiB, "
-            f"allowed growth {rss_slack / MiB} MiB")
+            f"allowed growth {rss_slack / MiB} MiB"
+        )
         return now
 
     def stop(self, timeout: float = 15.0) -> float:
@@ -400,8 +418,9 @@ def stats(path: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in answer.splitlines()[1:] if "=" in line)
 
 
-def flood_until_stalled(socks: list[socket.socket], stall: float = 0.5,
-                        timeout: float = 60.0) -> int:
+def flood_until_stalled(
+    socks: list[socket.socket], stall: float = 0.5, timeout: float = 60.0
+) -> int:
     """Send whole lines on non-blocking sockets, never reading, until echod takes no more.
 
     The server's buffers absorb megabytes first, so "send would block" once

@@ -72,7 +72,8 @@ class Roundtripper(threading.Thread):
 
 
 def test_slowloris_trickling_clients_are_cut_by_the_line_timeout(
-        echod: Callable[..., Harness]) -> None:
+    echod: Callable[..., Harness],
+) -> None:
     n, line_timeout = 1000, 3.0
     srv = echod("--line-timeout", str(line_timeout), "--max-clients", str(n + 1))
     normal = Roundtripper(srv.port)
@@ -101,8 +102,10 @@ def test_slowloris_trickling_clients_are_cut_by_the_line_timeout(
         wrong = [i for i in clients if bytes(swarm.inbox[i]) != b"ERR line timeout\n"]
         assert not wrong, f"{len(wrong)} got {bytes(swarm.inbox[wrong[0]])!r}"
     first, last = min(cut_at.values()), max(cut_at.values())
-    print(f"\nslowloris: {n} cut between {first:.2f}s and {last:.2f}s; the normal client "
-          f"made {counts_during} round trips meanwhile")
+    print(
+        f"\nslowloris: {n} cut between {first:.2f}s and {last:.2f}s; the normal client "
+        f"made {counts_during} round trips meanwhile"
+    )
     assert first >= line_timeout - 0.1  # an absolute deadline from the first byte, not sooner
     assert last <= line_timeout + 3.0  # janitor tick plus scheduling, far below "forever"
     assert not normal.failures, normal.failures
@@ -152,16 +155,17 @@ def test_256_mib_without_a_newline(echod: Callable[..., Harness], max_line: int)
     assert b"".join(received) == b"ERR line too long (max %d bytes)\n" % max_line
     srv.wait_count("connection_closed", 1, reason="line_too_long")
     growth = peak.rss - srv.baseline.rss
-    print(f"\n256 MiB: client sent {sent / MiB:.1f} MiB before the close; "
-          f"server RSS grew by {growth / MiB:.2f} MiB at most")
+    print(
+        f"\n256 MiB: client sent {sent / MiB:.1f} MiB before the close; "
+        f"server RSS grew by {growth / MiB:.2f} MiB at most"
+    )
     assert sent < total  # it was cut off, not read to the end
     assert growth < 4 * MiB + 3 * max_line  # a few MiB, plus the line buffer and its copies
     srv.back_to_baseline(rss_slack=4 * MiB + 3 * max_line)
     srv.stop()
 
 
-def test_a_client_that_never_reads_is_dropped_as_slow_reader(
-        echod: Callable[..., Harness]) -> None:
+def test_a_client_that_never_reads_is_dropped_as_slow_reader(echod: Callable[..., Harness]) -> None:
     send_timeout = 2.0
     srv = echod("--chat", "--send-timeout", str(send_timeout))
     normal = Roundtripper(srv.port)
@@ -194,8 +198,10 @@ def test_a_client_that_never_reads_is_dropped_as_slow_reader(
         srv.pump(0.1)
     stop_hog.set()
     dropped = srv.events("connection_closed", reason="slow_reader")[0]
-    print(f"\nslow reader: sent {hog_sent[0]} lines, dropped after {dropped['duration']}s; "
-          f"{len(answers)} operator answers and {normal.count} round trips meanwhile")
+    print(
+        f"\nslow reader: sent {hog_sent[0]} lines, dropped after {dropped['duration']}s; "
+        f"{len(answers)} operator answers and {normal.count} round trips meanwhile"
+    )
     assert all(a.startswith("OK") for a in answers), [a for a in answers if not a.startswith("OK")]
     assert len(answers) >= 4
     before = normal.count

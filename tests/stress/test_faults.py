@@ -22,8 +22,10 @@ BUSY = b"ERR server busy, try again later\n"
 
 def nofile(limit: int) -> Callable[[], None]:
     """A preexec_fn: the child starts with soft = hard = ``limit`` open files."""
+
     def lower() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
     return lower
 
 
@@ -73,9 +75,11 @@ def test_out_of_descriptors_backs_off_and_recovers(echod: Callable[..., Harness]
             srv.pump(0.1)
         assert len(srv.events("control_accept_failed")) == 1
         echoed, refused, waiting = classify(swarm, clients)
-        print(f"\nEMFILE: {spare} spare descriptors; {len(echoed)} served, {len(refused)} "
-              f"refused with a line, {len(waiting)} queued; CPU while exhausted "
-              f"{share:.1%} of a core; fds {open_fds(srv.pid)}/{limit}")
+        print(
+            f"\nEMFILE: {spare} spare descriptors; {len(echoed)} served, {len(refused)} "
+            f"refused with a line, {len(waiting)} queued; CPU while exhausted "
+            f"{share:.1%} of a core; fds {open_fds(srv.pid)}/{limit}"
+        )
         assert share < 0.2
         assert len(srv.events("out_of_resources")) == 1  # rate-limited: once, not per attempt
         assert refused, "nobody was told (the reserve descriptor trick)"
@@ -106,8 +110,12 @@ def test_out_of_descriptors_backs_off_and_recovers(echod: Callable[..., Harness]
     with Swarm(srv.port) as fresh:  # and new ones too
         fresh.echo(fresh.connect(5))
     srv.back_to_baseline(rss_slack=8 * MiB)
-    assert not [e for e in srv.proc.events if e.get("level") == "error"
-                and e["event"] not in ("out_of_resources", "control_accept_failed")]
+    assert not [
+        e
+        for e in srv.proc.events
+        if e.get("level") == "error"
+        and e["event"] not in ("out_of_resources", "control_accept_failed")
+    ]
     srv.stop()
 
 
@@ -118,8 +126,10 @@ PIDS_ROOT = Path("/sys/fs/cgroup/pids")
 def pids_cgroup() -> Iterator[Path]:
     """A cgroup v1 pids controller group of our own, removed afterwards."""
     if not os.access(PIDS_ROOT / "cgroup.procs", os.W_OK):
-        pytest.skip("needs a writable cgroup v1 pids controller (root) to limit threads; "
-                    "RLIMIT_NPROC does not apply to root")
+        pytest.skip(
+            "needs a writable cgroup v1 pids controller (root) to limit threads; "
+            "RLIMIT_NPROC does not apply to root"
+        )
     group = PIDS_ROOT / f"echod-stress-{os.getpid()}"
     group.mkdir()
     try:
@@ -133,8 +143,9 @@ def pids_cgroup() -> Iterator[Path]:
         group.rmdir()
 
 
-def test_out_of_threads_backs_off_and_recovers(echod: Callable[..., Harness],
-                                               pids_cgroup: Path) -> None:
+def test_out_of_threads_backs_off_and_recovers(
+    echod: Callable[..., Harness], pids_cgroup: Path
+) -> None:
     srv = echod()
     (pids_cgroup / "cgroup.procs").write_text(str(srv.pid))
     room = 20
@@ -149,13 +160,16 @@ def test_out_of_threads_backs_off_and_recovers(echod: Callable[..., Harness],
         share = cpu_share(srv.pid, 2.0)
         swarm.pump(0.1)
         echoed, refused, waiting = classify(swarm, clients)
-        print(f"\nthreads: room for {room}; {len(echoed)} served, {len(refused)} refused, "
-              f"{len(waiting)} queued; CPU while exhausted {share:.1%} of a core")
+        print(
+            f"\nthreads: room for {room}; {len(echoed)} served, {len(refused)} refused, "
+            f"{len(waiting)} queued; CPU while exhausted {share:.1%} of a core"
+        )
         assert share < 0.2
         assert len(srv.events("out_of_resources")) == 1
         assert refused
-        assert all(bytes(swarm.inbox[i]) == BUSY for i in refused), \
-            {bytes(swarm.inbox[i]) for i in refused}
+        assert all(bytes(swarm.inbox[i]) == BUSY for i in refused), {
+            bytes(swarm.inbox[i]) for i in refused
+        }
         assert waiting
         assert len(echoed) == room
         (pids_cgroup / "pids.max").write_text("max")  # resources come back
@@ -178,8 +192,11 @@ def test_open_files_limit_is_raised_at_start_up(echod: Callable[..., Harness]) -
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 8192))
 
     srv = echod(preexec_fn=low_soft)
-    soft = next(line.split()[3] for line in Path(f"/proc/{srv.pid}/limits").read_text()
-                .splitlines() if line.startswith("Max open files"))
+    soft = next(
+        line.split()[3]
+        for line in Path(f"/proc/{srv.pid}/limits").read_text().splitlines()
+        if line.startswith("Max open files")
+    )
     assert soft == "8192"
     assert not srv.events("nofile_limit_low")
     srv.stop()

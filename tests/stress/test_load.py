@@ -32,10 +32,14 @@ def test_5000_concurrent_clients_each_echo_a_line(echod: Callable[..., Harness])
             assert counters["connected"] == n
             assert counters["total_accepted"] == 1 + n * (wave + 1)
             assert counters["rejected"] == 0
-            print(f"\nwave {wave}: all connected {during.rss_mib} MiB, {during.threads} threads; "
-                  f"after {after[-1]:.1f} MiB")
-    print(f"baseline {srv.baseline.rss_mib} MiB/{srv.baseline.threads} threads, "
-          f"peak {peak.rss_mib} MiB/{peak.threads} threads")
+            print(
+                f"\nwave {wave}: all connected {during.rss_mib} MiB, {during.threads} threads; "
+                f"after {after[-1]:.1f} MiB"
+            )
+    print(
+        f"baseline {srv.baseline.rss_mib} MiB/{srv.baseline.threads} threads, "
+        f"peak {peak.rss_mib} MiB/{peak.threads} threads"
+    )
     assert peak.rss < 250 * MiB
     # Freed memory is kept by the allocator but reused: a second wave must not
     # add another wave's worth (fragmentation moves it by a few MiB either way).
@@ -72,8 +76,10 @@ def test_10000_sequential_cycles_do_not_grow(echod: Callable[..., Harness]) -> N
     srv.wait_count("connection_closed", 10_501, timeout=30)
     now = wait_threads(srv.pid, srv.baseline.threads, 10)
     counters = srv.stats()
-    print(f"\n10,000 cycles in {took:.1f}s; RSS {before.rss_mib} -> {now.rss_mib} MiB, "
-          f"threads {before.threads} -> {now.threads}")
+    print(
+        f"\n10,000 cycles in {took:.1f}s; RSS {before.rss_mib} -> {now.rss_mib} MiB, "
+        f"threads {before.threads} -> {now.threads}"
+    )
     assert now.rss - before.rss < 5 * MiB
     assert counters["connected"] == 0
     assert counters["total_accepted"] == 10_501
@@ -82,7 +88,8 @@ def test_10000_sequential_cycles_do_not_grow(echod: Callable[..., Harness]) -> N
 
 
 def test_max_clients_plus_one_is_refused_and_everyone_else_echoes(
-        echod: Callable[..., Harness]) -> None:
+    echod: Callable[..., Harness],
+) -> None:
     n = 1000  # the default --max-clients
     srv = echod()
     full = b"ERR server full (max 1000 clients)\n"

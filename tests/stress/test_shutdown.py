@@ -20,8 +20,14 @@ def test_sigterm_with_1000_clients_some_not_reading(echod: Callable[..., Harness
     # A send timeout far beyond the flood below: on a slow machine the flood
     # can take longer than the default 10 s, and the first clients to stall
     # would be ended as slow readers before the SIGTERM this test is about.
-    srv = echod("--max-clients", str(n), "--shutdown-timeout", str(shutdown_timeout),
-                "--send-timeout", "120")
+    srv = echod(
+        "--max-clients",
+        str(n),
+        "--shutdown-timeout",
+        str(shutdown_timeout),
+        "--send-timeout",
+        "120",
+    )
     with Swarm(srv.port) as swarm:
         clients = swarm.connect(n)
         swarm.echo(clients)
@@ -40,14 +46,18 @@ def test_sigterm_with_1000_clients_some_not_reading(echod: Callable[..., Harness
         took = time.monotonic() - start
         swarm.read_to_eof(reading, timeout=10)
         missing = [i for i in reading if not bytes(swarm.inbox[i]).endswith(NOTICE)]
-    print(f"\nSIGTERM: {len(reading)} reading + {len(stuck)} stuck clients "
-          f"({pushed / 2**20:.0f} MiB pushed into the stuck ones, {stalled.threads} threads); "
-          f"exit {code} after {took:.2f}s")
+    print(
+        f"\nSIGTERM: {len(reading)} reading + {len(stuck)} stuck clients "
+        f"({pushed / 2**20:.0f} MiB pushed into the stuck ones, {stalled.threads} threads); "
+        f"exit {code} after {took:.2f}s"
+    )
     srv.assert_no_traceback()
     assert code == 0
     assert took <= shutdown_timeout + 1.5  # the deadline, plus interpreter exit
-    assert not missing, f"{len(missing)} reading clients missed the notice, e.g. " \
+    assert not missing, (
+        f"{len(missing)} reading clients missed the notice, e.g. "
         f"{bytes(swarm.inbox[missing[0]])[-100:]!r}"
+    )
     closed = srv.events("connection_closed", reason="shutdown")
     assert len(closed) == n, f"{len(closed)} connection_closed(shutdown) events"
     assert not srv.events("shutdown_incomplete")

@@ -78,8 +78,10 @@ def test_idle_and_line_timeouts_fire_on_time(echod: Callable[..., Harness]) -> N
         thread.join(15)
     idle_got, idle_after = results["idle"]
     line_got, line_after = results["line"]
-    print(f"\nidle timeout {IDLE}s fired after {idle_after:.2f}s; "
-          f"line timeout {LINE}s fired {line_after:.2f}s after the first byte")
+    print(
+        f"\nidle timeout {IDLE}s fired after {idle_after:.2f}s; "
+        f"line timeout {LINE}s fired {line_after:.2f}s after the first byte"
+    )
     assert idle_got == b"ERR idle timeout\n"
     assert IDLE <= idle_after <= IDLE + LATE
     assert line_got == b"ERR line timeout\n"

@@ -51,8 +51,15 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: echod")
-    for flag in ("--host", "--port", "--max-line", "--foreground", "--log-level",
-                 "--log-format", "--version"):
+    for flag in (
+        "--host",
+        "--port",
+        "--max-line",
+        "--foreground",
+        "--log-level",
+        "--log-format",
+        "--version",
+    ):
         assert flag in out
     assert "echod ctl COMMAND" in out  # the subcommands are listed
 
@@ -68,18 +75,25 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     ("argv", "expected"),
     [
         (["--bogus"], "echod: unrecognized arguments: --bogus (see 'echod --help')"),
-        (["--port", "70000"],
-         "echod: argument --port: 70000 is out of range (must be from 0 to 65535) "
-         "(see 'echod --help')"),
-        (["--port", "abc"], "echod: argument --port: 'abc' is not a whole number "
-                            "(see 'echod --help')"),
+        (
+            ["--port", "70000"],
+            "echod: argument --port: 70000 is out of range (must be from 0 to 65535) "
+            "(see 'echod --help')",
+        ),
+        (
+            ["--port", "abc"],
+            "echod: argument --port: 'abc' is not a whole number (see 'echod --help')",
+        ),
         (["--log-format", "xml"], None),
         (["--foreground", "extra"], "echod: unrecognized arguments: extra (see 'echod --help')"),
     ],
 )
-def test_usage_errors_exit_2_with_one_line(argv: list[str], expected: str | None,
-                                           capsys: pytest.CaptureFixture[str],
-                                           configured: list[tuple[Any, ...]]) -> None:
+def test_usage_errors_exit_2_with_one_line(
+    argv: list[str],
+    expected: str | None,
+    capsys: pytest.CaptureFixture[str],
+    configured: list[tuple[Any, ...]],
+) -> None:
     assert cli.main(argv) == 2
     captured = capsys.readouterr()
     line = one_error_line(captured.err)
@@ -89,16 +103,18 @@ def test_usage_errors_exit_2_with_one_line(argv: list[str], expected: str | None
     assert configured == []  # rejected before anything started
 
 
-def test_port_in_use_exits_1_with_one_line(busy_port: int, capsys: pytest.CaptureFixture[str],
-                                           configured: list[tuple[Any, ...]]) -> None:
+def test_port_in_use_exits_1_with_one_line(
+    busy_port: int, capsys: pytest.CaptureFixture[str], configured: list[tuple[Any, ...]]
+) -> None:
     argv = ["--foreground", "--port", str(busy_port), "--control-socket", "none"]
     assert cli.main(argv) == 1
     line = one_error_line(capsys.readouterr().err)
     assert line == f"echod: cannot listen on 127.0.0.1:{busy_port}: the address is already in use"
 
 
-def test_unbindable_address_exits_1_with_one_line(capsys: pytest.CaptureFixture[str],
-                                                  configured: list[tuple[Any, ...]]) -> None:
+def test_unbindable_address_exits_1_with_one_line(
+    capsys: pytest.CaptureFixture[str], configured: list[tuple[Any, ...]]
+) -> None:
     # 192.0.2.1 (TEST-NET-1) is not on this machine: bind() fails, nothing is sent.
     argv = ["--foreground", "--host", "192.0.2.1", "--port", "0", "--control-socket", "none"]
     assert cli.main(argv) == 1
@@ -106,10 +122,20 @@ def test_unbindable_address_exits_1_with_one_line(capsys: pytest.CaptureFixture[
     assert line == "echod: cannot listen on 192.0.2.1:0: that address is not on this machine"
 
 
-def test_log_flags_reach_the_logging_setup(busy_port: int, capsys: pytest.CaptureFixture[str],
-                                           configured: list[tuple[Any, ...]]) -> None:
-    argv = ["--foreground", "--port", str(busy_port), "--control-socket", "none",
-            "--log-level", "WARNING", "--log-format", "console"]
+def test_log_flags_reach_the_logging_setup(
+    busy_port: int, capsys: pytest.CaptureFixture[str], configured: list[tuple[Any, ...]]
+) -> None:
+    argv = [
+        "--foreground",
+        "--port",
+        str(busy_port),
+        "--control-socket",
+        "none",
+        "--log-level",
+        "WARNING",
+        "--log-format",
+        "console",
+    ]
     assert cli.main(argv) == 1
     assert configured == [("warning", "console")]
 

@@ -40,8 +40,21 @@ def test_defaults() -> None:
 
 
 def test_values() -> None:
-    s = parse("--host", "::1", "--port", "0", "--max-line", "16", "--foreground",
-              "--log-level", "DEBUG", "--log-format", "json", "--shutdown-timeout", "2.5")
+    s = parse(
+        "--host",
+        "::1",
+        "--port",
+        "0",
+        "--max-line",
+        "16",
+        "--foreground",
+        "--log-level",
+        "DEBUG",
+        "--log-format",
+        "json",
+        "--shutdown-timeout",
+        "2.5",
+    )
     assert (s.host, s.port, s.max_line, s.foreground) == ("::1", 0, 16, True)
     assert (s.log_level, s.log_format, s.shutdown_timeout) == ("debug", "json", 2.5)
     assert s.family == socket.AF_INET6
@@ -105,8 +118,7 @@ def test_settings_are_frozen() -> None:
         Settings().port = 1  # type: ignore[misc]
 
 
-def test_runtime_paths_for_a_non_root_user(monkeypatch: pytest.MonkeyPatch,
-                                            tmp_path: Path) -> None:
+def test_runtime_paths_for_a_non_root_user(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     assert config.default_control_socket() == tmp_path / "echod" / "control.sock"

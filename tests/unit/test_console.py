@@ -161,8 +161,9 @@ def test_multi_line_text_is_refused_not_split(rig: Rig, command: str, text: str)
     assert a.conn.end_reason is None
 
 
-def test_text_at_the_limit_passes_and_one_byte_more_is_refused(make_rig: Callable[..., Rig]
-                                                               ) -> None:
+def test_text_at_the_limit_passes_and_one_byte_more_is_refused(
+    make_rig: Callable[..., Rig],
+) -> None:
     rig = make_rig(max_line=10)
     a = rig.add()
     assert rig.run("/broadcast " + "x" * 10) == "OK sent to 1 client"
@@ -184,22 +185,25 @@ def test_push_to_a_disconnecting_client_is_an_error(rig: Rig) -> None:
 # -- ids and usage errors ----------------------------------------------------
 
 
-@pytest.mark.parametrize(("line", "answer"), [
-    ("/send 99 hi", "ERR no client 99 (see /list)"),
-    ("/kick 99", "ERR no client 99 (see /list)"),
-    ("/send abc hi", "ERR bad client id 'abc' (ids are numbers, see /list)"),
-    ("/send -1 hi", "ERR bad client id '-1' (ids are numbers, see /list)"),
-    ("/send \u0663 hi", "ERR bad client id '\u0663' (ids are numbers, see /list)"),
-    ("/send", "ERR usage: /send ID TEXT"),
-    ("/send 1", "ERR usage: /send ID TEXT"),
-    ("/kick", "ERR usage: /kick ID [REASON]"),
-    ("/broadcast", "ERR usage: /broadcast TEXT"),
-    ("/list now", "ERR usage: /list (no arguments)"),
-    ("/stats please", "ERR usage: /stats (no arguments)"),
-    ("/shutdown now", "ERR usage: /shutdown (no arguments)"),
-    ("/frobnicate", "ERR unknown command '/frobnicate' (try /help)"),
-    ("/", "ERR unknown command '/' (try /help)"),
-])
+@pytest.mark.parametrize(
+    ("line", "answer"),
+    [
+        ("/send 99 hi", "ERR no client 99 (see /list)"),
+        ("/kick 99", "ERR no client 99 (see /list)"),
+        ("/send abc hi", "ERR bad client id 'abc' (ids are numbers, see /list)"),
+        ("/send -1 hi", "ERR bad client id '-1' (ids are numbers, see /list)"),
+        ("/send \u0663 hi", "ERR bad client id '\u0663' (ids are numbers, see /list)"),
+        ("/send", "ERR usage: /send ID TEXT"),
+        ("/send 1", "ERR usage: /send ID TEXT"),
+        ("/kick", "ERR usage: /kick ID [REASON]"),
+        ("/broadcast", "ERR usage: /broadcast TEXT"),
+        ("/list now", "ERR usage: /list (no arguments)"),
+        ("/stats please", "ERR usage: /stats (no arguments)"),
+        ("/shutdown now", "ERR usage: /shutdown (no arguments)"),
+        ("/frobnicate", "ERR unknown command '/frobnicate' (try /help)"),
+        ("/", "ERR unknown command '/' (try /help)"),
+    ],
+)
 def test_errors_are_one_err_line(rig: Rig, line: str, answer: str) -> None:
     rig.add()
     assert rig.run(line) == answer
@@ -240,8 +244,16 @@ def test_list_names_every_field(rig: Rig) -> None:
     assert (rows[0]["bytes_in"], rows[0]["bytes_out"]) == ("12", "34")
     assert (rows[0]["lines_in"], rows[0]["lines_out"]) == ("1", "2")
     for row in rows:
-        assert set(row) == {"id", "addr", "age", "idle", "bytes_in", "bytes_out", "lines_in",
-                            "lines_out"}
+        assert set(row) == {
+            "id",
+            "addr",
+            "age",
+            "idle",
+            "bytes_in",
+            "bytes_out",
+            "lines_in",
+            "lines_out",
+        }
         assert row["age"].endswith("s") and float(row["age"][:-1]) >= 0
         assert row["idle"].endswith("s") and float(row["idle"][:-1]) >= 0
 
@@ -286,15 +298,37 @@ def test_stats_counts(make_rig: Callable[..., Rig]) -> None:
     lines = rig.run("/stats").split("\n")
     assert lines[0] == "OK stats"
     stats = dict(line.split("=", 1) for line in lines[1:])
-    assert stats == {**stats, "connected": "1", "max_clients": "7", "total_accepted": "2",
-                     "rejected": "1", "lines_in": "3", "lines_out": "2", "bytes_in": "14",
-                     "bytes_out": "10"}
+    assert stats == {
+        **stats,
+        "connected": "1",
+        "max_clients": "7",
+        "total_accepted": "2",
+        "rejected": "1",
+        "lines_in": "3",
+        "lines_out": "2",
+        "bytes_in": "14",
+        "bytes_out": "10",
+    }
     assert stats["uptime"].endswith("s") and float(stats["uptime"][:-1]) >= 0
     # The limits in force are reported too (the hardening issue asks /stats for them).
-    assert {k: stats[k] for k in ("max_line", "idle_timeout", "line_timeout", "send_timeout",
-                                   "shutdown_timeout", "backlog")} == {
-        "max_line": "1024", "idle_timeout": "300s", "line_timeout": "60s",
-        "send_timeout": "10s", "shutdown_timeout": "5s", "backlog": "4096"}
+    assert {
+        k: stats[k]
+        for k in (
+            "max_line",
+            "idle_timeout",
+            "line_timeout",
+            "send_timeout",
+            "shutdown_timeout",
+            "backlog",
+        )
+    } == {
+        "max_line": "1024",
+        "idle_timeout": "300s",
+        "line_timeout": "60s",
+        "send_timeout": "10s",
+        "shutdown_timeout": "5s",
+        "backlog": "4096",
+    }
 
 
 def test_help_lists_every_command(rig: Rig) -> None:
@@ -313,15 +347,31 @@ def test_shutdown_calls_the_stop_callback(rig: Rig) -> None:
 # -- invariants the control socket framing relies on ---------------------------
 
 
-@settings(max_examples=300, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(line=st.one_of(
-    st.text(max_size=60),
-    st.builds(lambda cmd, rest: cmd + rest,
-              st.sampled_from(["/send ", "/kick ", "/broadcast ", "/list", "/stats", "/help",
-                               "/SEND 1 ", "/send 1", "/"]),
-              st.text(max_size=40)),
-))
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    line=st.one_of(
+        st.text(max_size=60),
+        st.builds(
+            lambda cmd, rest: cmd + rest,
+            st.sampled_from(
+                [
+                    "/send ",
+                    "/kick ",
+                    "/broadcast ",
+                    "/list",
+                    "/stats",
+                    "/help",
+                    "/SEND 1 ",
+                    "/send 1",
+                    "/",
+                ]
+            ),
+            st.text(max_size=40),
+        ),
+    )
+)
 def test_every_answer_is_framable(make_rig: Callable[..., Rig], line: str) -> None:
     rig = make_rig(max_line=20)
     peer = rig.add()
@@ -420,19 +470,19 @@ def test_stdin_console_shutdown_requests_a_stop(rig: Rig) -> None:
     assert service.stops == ["operator"]
 
 
-def test_stdin_console_refuses_an_endless_line_and_goes_on(make_rig: Callable[..., Rig]
-                                                            ) -> None:
+def test_stdin_console_refuses_an_endless_line_and_goes_on(make_rig: Callable[..., Rig]) -> None:
     rig = make_rig(max_line=10)
     a = rig.add()
     endless = b"x" * 5000 + b"\n"
     out, _ = run_console(rig, endless + b"/broadcast ok\n")
-    assert out.splitlines() == ["ERR command too long (operator text is at most 10 bytes)",
-                                "OK sent to 1 client"]
+    assert out.splitlines() == [
+        "ERR command too long (operator text is at most 10 bytes)",
+        "OK sent to 1 client",
+    ]
     assert a.readline() == b"Server says: ok\n"
 
 
-def test_stdin_console_stops_reading_when_its_output_is_gone(rig: Rig,
-                                                             captured_logs: Any) -> None:
+def test_stdin_console_stops_reading_when_its_output_is_gone(rig: Rig, captured_logs: Any) -> None:
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
     os.close(out_r)  # nobody will ever read the answers: writing fails with EPIPE
@@ -457,7 +507,7 @@ def test_command_lines_whole_and_byte_by_byte() -> None:
     whole = CommandLines(100).feed(stream)
     assert whole == [b"/list\r\n", b"hello\n", b"/stats\n"]
     cutter = CommandLines(100)
-    pieces = [line for i in range(len(stream)) for line in cutter.feed(stream[i:i + 1])]
+    pieces = [line for i in range(len(stream)) for line in cutter.feed(stream[i : i + 1])]
     assert pieces == whole
     assert cutter.end() is None
 

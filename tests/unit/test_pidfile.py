@@ -178,10 +178,17 @@ def test_inspect_locked_pidfile_without_pid_is_unknown(pidfile: Pidfile) -> None
 
 def test_inspect_waits_briefly_for_a_starting_daemon_to_write_its_pid(pidfile: Pidfile) -> None:
     pidfile.acquire()
-    writer = subprocess.Popen([sys.executable, "-c", (
-        "import os, sys, time; time.sleep(0.2); "
-        f"fd = os.open({str(pidfile.path)!r}, os.O_WRONLY); os.write(fd, b'%d\\n' % {os.getpid()})"
-    )])
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import os, sys, time; time.sleep(0.2); "
+                f"fd = os.open({str(pidfile.path)!r}, os.O_WRONLY); "
+                f"os.write(fd, b'%d\\n' % {os.getpid()})"
+            ),
+        ]
+    )
     try:
         state = inspect(pidfile.path, grace=TIMEOUT)
         assert (state.status, state.pid) == (RUNNING, os.getpid())
@@ -223,12 +230,16 @@ def test_user_and_group_are_looked_up_by_name_or_number() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-@pytest.mark.parametrize(("user", "group", "message"), [
-    ("no-such-user-echod", None, "--user: no such user 'no-such-user-echod'"),
-    (None, "no-such-group-echod", "--group: no such group 'no-such-group-echod'"),
-])
-def test_unknown_account_is_a_usage_error(user: str | None, group: str | None,
-                                          message: str) -> None:
+@pytest.mark.parametrize(
+    ("user", "group", "message"),
+    [
+        ("no-such-user-echod", None, "--user: no such user 'no-such-user-echod'"),
+        (None, "no-such-group-echod", "--group: no such group 'no-such-group-echod'"),
+    ],
+)
+def test_unknown_account_is_a_usage_error(
+    user: str | None, group: str | None, message: str
+) -> None:
     with pytest.raises(UsageError) as err:
         daemonize.resolve_account(user, group)
     assert str(err.value) == message

@@ -69,8 +69,12 @@ CASES: list[tuple[str, list[Chunk], bytes, str]] = [
     ("double cr", [b"a\r\r\n"], b"a\r\r\n", "open"),
     ("nul bytes", [b"\x00\x00a\x00\n"], b"\x00\x00a\x00\n", "open"),
     ("invalid utf-8", [b"\xff\xfe\xc3\x28\x80\n"], b"\xff\xfe\xc3\x28\x80\n", "open"),
-    ("all byte values", [bytes(b for b in range(256) if b != 10) + b"\n"],
-     bytes(b for b in range(256) if b != 10) + b"\n", "open"),
+    (
+        "all byte values",
+        [bytes(b for b in range(256) if b != 10) + b"\n"],
+        bytes(b for b in range(256) if b != 10) + b"\n",
+        "open",
+    ),
     ("utf-8 text", ["héllo wörld ✓\n".encode()], "héllo wörld ✓\n".encode(), "open"),
     # -- end of input --------------------------------------------------------------------
     ("eof after lines", [b"a\n", EOF], b"a\n", "eof"),
@@ -116,18 +120,37 @@ CASES: list[tuple[str, list[Chunk], bytes, str]] = [
     # -- long bursts: feed()'s line-by-line path must agree with the fast path -------------
     ("burst over the limit", [LINES_300], LINES_300, "open"),
     ("burst with exit in the middle", [FIVE + b"exit\n" + FIVE], FIVE + BYE, "exit"),
-    ("burst with padded exit in the middle", [FIVE + FIVE + b" Exit\r\n" + FIVE],
-     FIVE + FIVE + BYE, "exit"),
-    ("burst with long line in the middle", [FIVE + FIVE + A1025 + b"\n" + FIVE],
-     FIVE + FIVE + ERR_1024, "too_long"),
-    ("burst with long crlf line in the middle", [FIVE + A1025 + b"\r\n" + FIVE],
-     FIVE + ERR_1024, "too_long"),
-    ("burst with max lines", [(A1024 + b"\n") * 3 + (A1024 + b"\r\n") * 2],
-     (A1024 + b"\n") * 3 + (A1024 + b"\r\n") * 2, "open"),
-    ("burst with exit-like lines", [FIVE + b"exited\n xit\nexit!\n" + FIVE],
-     FIVE + b"exited\n xit\nexit!\n" + FIVE, "open"),
-    ("burst then unfinished long tail", [FIVE + FIVE + A1025], FIVE + FIVE + ERR_1024,
-     "too_long"),
+    (
+        "burst with padded exit in the middle",
+        [FIVE + FIVE + b" Exit\r\n" + FIVE],
+        FIVE + FIVE + BYE,
+        "exit",
+    ),
+    (
+        "burst with long line in the middle",
+        [FIVE + FIVE + A1025 + b"\n" + FIVE],
+        FIVE + FIVE + ERR_1024,
+        "too_long",
+    ),
+    (
+        "burst with long crlf line in the middle",
+        [FIVE + A1025 + b"\r\n" + FIVE],
+        FIVE + ERR_1024,
+        "too_long",
+    ),
+    (
+        "burst with max lines",
+        [(A1024 + b"\n") * 3 + (A1024 + b"\r\n") * 2],
+        (A1024 + b"\n") * 3 + (A1024 + b"\r\n") * 2,
+        "open",
+    ),
+    (
+        "burst with exit-like lines",
+        [FIVE + b"exited\n xit\nexit!\n" + FIVE],
+        FIVE + b"exited\n xit\nexit!\n" + FIVE,
+        "open",
+    ),
+    ("burst then unfinished long tail", [FIVE + FIVE + A1025], FIVE + FIVE + ERR_1024, "too_long"),
     ("burst then eof tail", [FIVE + FIVE + b"tail", EOF], FIVE + FIVE + b"tail", "eof"),
 ]
 
@@ -216,8 +239,7 @@ def test_case_byte_by_byte(name: str, chunks: list[Chunk], expected: bytes, end:
 
 
 @pytest.mark.parametrize(("name", "chunks", "expected", "end"), CASES, ids=IDS)
-def test_case_matches_reference(name: str, chunks: list[Chunk], expected: bytes,
-                                end: str) -> None:
+def test_case_matches_reference(name: str, chunks: list[Chunk], expected: bytes, end: str) -> None:
     """The table and the naive model agree, so the model is worth checking against."""
     data = b"".join(c for c in chunks if isinstance(c, bytes))
     assert reference(data, DEFAULT_MAX_LINE, eof=EOF in chunks) == (expected, end)
@@ -226,8 +248,9 @@ def test_case_matches_reference(name: str, chunks: list[Chunk], expected: bytes,
 @pytest.mark.parametrize(("name", "chunks", "expected", "end"), CASES, ids=IDS)
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cuts=st.lists(st.integers(0, 1 << 20), max_size=40))
-def test_case_at_random_cuts(name: str, chunks: list[Chunk], expected: bytes, end: str,
-                             cuts: list[int]) -> None:
+def test_case_at_random_cuts(
+    name: str, chunks: list[Chunk], expected: bytes, end: str, cuts: list[int]
+) -> None:
     stream = b"".join(c for c in chunks if isinstance(c, bytes))
     pieces: list[Chunk] = list(split_at(stream, cuts))
     if EOF in chunks:
@@ -247,8 +270,7 @@ def reference(data: bytes, max_line: int, eof: bool) -> tuple[bytes, str]:
         if nl < 0:
             tail = data[pos:]
             # An unfinished line that can no longer end within the limit.
-            if len(tail) > max_line + 1 or (len(tail) == max_line + 1
-                                             and not tail.endswith(b"\r")):
+            if len(tail) > max_line + 1 or (len(tail) == max_line + 1 and not tail.endswith(b"\r")):
                 return out + protocol.line_too_long(max_line), "too_long"
             if not eof:
                 return out, "open"
@@ -274,8 +296,22 @@ def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
     return [p for p in pieces if p]
 
 
-_TOKENS = [b"a", b"b", b"\x00", b"\xff", b" ", b"\t", b"\r", b"\n", b"\r\n", b"exit", b"EXIT",
-           b"Exit", b"xit", b"e"]
+_TOKENS = [
+    b"a",
+    b"b",
+    b"\x00",
+    b"\xff",
+    b" ",
+    b"\t",
+    b"\r",
+    b"\n",
+    b"\r\n",
+    b"exit",
+    b"EXIT",
+    b"Exit",
+    b"xit",
+    b"e",
+]
 
 
 @settings(max_examples=300, deadline=None)
@@ -285,8 +321,9 @@ _TOKENS = [b"a", b"b", b"\x00", b"\xff", b" ", b"\t", b"\r", b"\n", b"\r\n", b"e
     cuts=st.lists(st.integers(0, 10_000), max_size=30),
     eof=st.booleans(),
 )
-def test_any_stream_any_cuts_matches_reference(max_line: int, tokens: list[bytes],
-                                               cuts: list[int], eof: bool) -> None:
+def test_any_stream_any_cuts_matches_reference(
+    max_line: int, tokens: list[bytes], cuts: list[int], eof: bool
+) -> None:
     data = b"".join(tokens)
     chunks: list[Chunk] = list(split_at(data, cuts))
     if eof:
@@ -297,8 +334,10 @@ def test_any_stream_any_cuts_matches_reference(max_line: int, tokens: list[bytes
 def _valid_line(max_line: int) -> st.SearchStrategy[bytes]:
     content = st.binary(max_size=max_line).map(lambda b: b.replace(b"\n", b"."))
     ending = st.sampled_from([b"\n", b"\r\n"])
-    return st.tuples(content, ending).map(lambda t: t[0] + t[1]).filter(
-        lambda line: line.strip().lower() != b"exit"
+    return (
+        st.tuples(content, ending)
+        .map(lambda t: t[0] + t[1])
+        .filter(lambda line: line.strip().lower() != b"exit")
     )
 
 
@@ -386,9 +425,17 @@ def test_wire_texts() -> None:
 
 @pytest.mark.parametrize(
     ("line", "expected"),
-    [(b"exit", True), (b"EXIT\n", True), (b" Exit \r\n", True), (b"\texit\x0b\x0c", True),
-     (b"exited", False), (b"exi", False), (b"e x i t", False), (b"exit\x00", False),
-     (b"", False)],
+    [
+        (b"exit", True),
+        (b"EXIT\n", True),
+        (b" Exit \r\n", True),
+        (b"\texit\x0b\x0c", True),
+        (b"exited", False),
+        (b"exi", False),
+        (b"e x i t", False),
+        (b"exit\x00", False),
+        (b"", False),
+    ],
 )
 def test_is_exit(line: bytes, expected: bool) -> None:
     assert protocol.is_exit(line) is expected

@@ -213,6 +213,7 @@ if socks and socks[0].family == socket.AF_INET:
 print(json.dumps(out))
 """
 
+
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
