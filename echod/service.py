@@ -18,8 +18,11 @@ Lifecycle of :meth:`Service.run`, in order:
 6. Stop: ``STOPPING=1``; stop accepting; tell every client and close it;
    join the handlers within ``--shutdown-timeout``; close the operator
    interfaces.
-7. Return exit status 0 (also when handlers outlived the deadline: they are
-   daemon threads, and that is logged as ``shutdown_incomplete``).
+7. Ignore SIGTERM, SIGINT and SIGHUP from now on, log ``stopped`` and return
+   exit status 0 (also when handlers outlived the deadline: they are daemon
+   threads, and that is logged as ``shutdown_incomplete``). Ignored, not left
+   to Python: the interpreter's teardown puts its handled signals back to
+   SIG_DFL, and a second SIGTERM then would kill echod by the signal.
 
 Error handling: failures before step 4 raise
 :class:`~echod.errors.EchodError`, which the CLI reports as one sentence.
@@ -228,6 +231,12 @@ class Service:
                 detail="handlers outlived the deadline",
                 remaining=len(self.registry),
             )
+        # Stopped: from here on the process only exits, with status 0. Python's
+        # own teardown resets every signal it handles to SIG_DFL (_PySignal_Fini),
+        # so a stop signal arriving then would kill echod by that signal (143);
+        # an ignored signal it leaves ignored.
+        for sig in (*STOP_SIGNALS, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         stats = self.registry.stats()
         self.log.info(
             "stopped",

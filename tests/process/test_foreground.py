@@ -9,6 +9,7 @@ read has a timeout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -210,6 +212,50 @@ def test_max_line_option(spawn_echod: Spawn) -> None:
     assert echod.wait() == 0
     closed = [e for e in echod.events if e["event"] == "connection_closed"]
     assert [e["reason"] for e in closed] == ["eof", "line_too_long"]
+
+
+# The second stop signal, sent this long after the first: before, during and after
+# the graceful stop (which logs `stopped` about 0.1 s after the first signal).
+SECOND_SIGNAL_DELAYS = (0.0, 0.03, 0.06, 0.1, 0.13, 0.16, 0.2)
+
+
+def _client_connected(echod: EchodProcess) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", echod.port), timeout=TIMEOUT)
+    sock.sendall(b"hi\n")
+    assert sock.recv(16) == b"hi\n"
+    return sock
+
+
+def test_a_second_stop_signal_at_any_moment_exits_0_or_1(spawn_echod: Spawn) -> None:
+    """Never killed by the signal (-15): 1 if it came while stopping, 0 once stopped."""
+    for delay in SECOND_SIGNAL_DELAYS:
+        echod = spawn_echod()
+        with _client_connected(echod):
+            echod.signal(signal.SIGTERM)
+            time.sleep(delay)  # a timing to try, not a wait for something
+            echod.signal(signal.SIGTERM)
+            assert echod.wait() in (0, 1), f"second SIGTERM {delay} s after the first"
+        assert "Traceback" not in "".join(echod.raw_stderr)
+
+
+def test_stop_signals_after_stopped_leave_exit_status_0(spawn_echod: Spawn) -> None:
+    """SIGTERM, SIGINT and SIGHUP without pause from `stopped` until the process is gone.
+
+    This covers the interpreter's teardown, when Python has put the signals it
+    handled back to their default action (death by the signal).
+    """
+    echod = spawn_echod()
+    with _client_connected(echod):
+        echod.signal(signal.SIGTERM)
+        echod.wait_event("stopped")
+        deadline = time.monotonic() + TIMEOUT
+        sent = 0
+        while echod.proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(echod.pid, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)[sent % 3])
+            sent += 1
+            time.sleep(0.0005)
+        assert echod.wait() == 0, f"after {sent} signals"
 
 
 @pytest.mark.skipif(not has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
