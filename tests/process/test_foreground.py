@@ -32,14 +32,28 @@ from tests.conftest import ROOT, TIMEOUT, EchodProcess, has_ipv6_loopback
 
 Spawn = Callable[..., EchodProcess]
 
+
+
+def installed_echod() -> str | None:
+    """The ``echod`` console script of the environment running the tests, else PATH's.
+
+    A venv's ``bin/`` is not on PATH under ``.venv/bin/python -m pytest``, but
+    pip put the script next to that interpreter. None means really absent.
+    """
+    beside = Path(sys.executable).parent / "echod"
+    if os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("echod")
+
+
 NC = shutil.which("nc")
-ECHOD = shutil.which("echod")
+ECHOD = installed_echod()
 pytestmark = pytest.mark.skipif(NC is None, reason="nc (netcat-openbsd) is not installed")
 
 COMMANDS = [
     pytest.param([sys.executable, "-m", "echod"], id="python-m-echod"),
     pytest.param(
-        ["echod"],
+        [ECHOD or "echod"],
         id="echod-script",
         marks=pytest.mark.skipif(
             ECHOD is None, reason="the echod console script is not installed (pip install -e .)"
