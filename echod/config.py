@@ -1,24 +1,66 @@
-"""Settings: every option declared once, with its default, validation and help.
+"""Settings: every option declared once, with its type, default, validation and help.
 
-:data:`OPTIONS` is the single table the command line is built from
-(:func:`add_arguments`) and the frozen :class:`Settings` are built from
-(:func:`settings_from_namespace`). Defaults that depend on who runs echod
-(root or not) are computed by the ``default_*`` functions below and are
-documented in README.md.
+Each field of the frozen :class:`Settings` dataclass *is* an option: its
+annotation is the type, and :func:`option` gives, in one place, the
+default, the value kind (how text becomes a valid value, and which values
+are valid), the help text and the metadata below. :data:`OPTIONS` is read
+off those fields; the command line is built from it (:func:`add_arguments`),
+README.md's flag table is checked against it (tests/unit/test_config.py),
+and :meth:`Settings.__post_init__` runs the same checks, so that
+``Settings(idle_timeout=-1)`` fails with the sentence the flag gives.
+
+Adding an option
+----------------
+Add one field to :class:`Settings` with ``option(...)`` and a row to the
+README's flag table. Its names follow from the field name: the flag is
+``--`` plus the name with ``-`` for ``_`` (and so will a config file's key
+be, the field name itself). An :class:`Option` also says:
+
+- ``kind``: a :class:`Kind`, the parser from text (for flags, later config
+  files) and the check of a typed value (for :class:`Settings` built in
+  code). Kinds shared with other commands are public: :func:`parse_duration`
+  and :func:`parse_path` (``echod stop --timeout``, ``echod ctl --timeout``,
+  every ``--pidfile``), so one mistake gets one sentence everywhere.
+- ``switch`` (a ``--flag`` without a value; ``negatable`` adds ``--no-flag``)
+  or ``repeatable`` (``action="append"``: every occurrence adds one item; the
+  setting is a tuple, empty by default, each item parsed by ``kind``).
+- ``reloadable``: whether a running echod may apply a new value without a
+  restart (nothing reloads yet; a reload will change only these).
+- ``shown``: the README's default cell when it is not the value itself (a
+  default that depends on who runs echod, computed by a ``default_*``
+  function below and described in README.md).
+
+Error handling
+--------------
+A bad value raises :class:`InvalidValue` (a ``ValueError``, and argparse's
+``ArgumentTypeError`` so argparse prints its sentence) with one sentence
+that does not repeat the value's name; whoever knows the name adds it.
+:class:`Settings` raises :class:`~echod.errors.UsageError` (exit status 2),
+``"--NAME: SENTENCE"``, the same as the CLI, also for combinations of
+options that do not go together.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
-import socket
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+from echod.errors import UsageError
+
+T = TypeVar("T")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7878
+# The longest duration any option or command accepts: one day. Far more than
+# any timeout needs, and far below where Python's time conversions overflow
+# (thread.join(), lock and socket timeouts raise OverflowError above about
+# 9.2e9 s, 2**63 nanoseconds).
+MAX_SECONDS = 86_400.0
 
 
 def _runtime_dir() -> Path:
@@ -46,283 +88,321 @@ def default_log_file() -> Path:
     return Path(state) / "echod" / "echod.log"
 
 
-# -- value parsers: each raises argparse.ArgumentTypeError with one sentence --
+# -- value kinds ------------------------------------------------------------------
 
 
-def _int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+class InvalidValue(argparse.ArgumentTypeError, ValueError):
+    """A value an option does not accept: ``str(err)`` is one sentence."""
+
+
+@dataclass(frozen=True)
+class Kind(Generic[T]):
+    """How an option's text becomes a value, and which values are valid."""
+
+    convert: Callable[[str], T]  # text -> value; raises InvalidValue
+    check: Callable[[T], None] = lambda value: None  # raises InvalidValue
+
+    def parse(self, text: str) -> T:
+        value = self.convert(text)
+        self.check(value)
+        return value
+
+
+def _to_int(text: str) -> int:
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise InvalidValue(f"{text!r} is not a whole number") from None
+
+
+def int_range(lo: int, hi: int | None = None) -> Kind[int]:
+    def check(value: int) -> None:
         if value < lo or (hi is not None and value > hi):
             bound = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
-            raise argparse.ArgumentTypeError(f"{value} is out of range (must be {bound})")
-        return value
+            raise InvalidValue(f"{value} is out of range (must be {bound})")
 
-    return parse
+    return Kind(_to_int, check)
 
 
-def _seconds(allow_zero: bool) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-        if value != value or value in (float("inf"), float("-inf")) or value < 0:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
-        if value == 0 and not allow_zero:
-            raise argparse.ArgumentTypeError("must be more than 0 seconds")
-        return value
+def _to_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if math.isnan(value):
+        raise InvalidValue(f"{text!r} is not a number of seconds")
+    return value
 
-    return parse
+
+def check_duration(value: float, *, allow_zero: bool = False) -> None:
+    """Raise :class:`InvalidValue` unless ``value`` is a usable number of seconds."""
+    if value != value:  # NaN
+        raise InvalidValue(f"{value!r} is not a number of seconds")
+    if allow_zero and value < 0:
+        raise InvalidValue("must be 0 or more seconds")
+    if not allow_zero and value <= 0:
+        raise InvalidValue("must be more than 0 seconds")
+    if value > MAX_SECONDS:
+        raise InvalidValue(f"must be at most {MAX_SECONDS:g} seconds (one day)")
+
+
+def parse_duration(text: str, *, allow_zero: bool = False) -> float:
+    """Seconds from text: a number above 0 (or 0 too) up to :data:`MAX_SECONDS`."""
+    value = _to_seconds(text)
+    check_duration(value, allow_zero=allow_zero)
+    return value
+
+
+def duration(*, allow_zero: bool) -> Kind[float]:
+    return Kind(_to_seconds, lambda value: check_duration(value, allow_zero=allow_zero))
+
+
+def parse_path(text: str) -> Path:
+    """A file system path from text: ``~`` expanded, made absolute (echod detaches to /)."""
+    if not text:
+        raise InvalidValue("the path must not be empty")
+    return Path(text).expanduser().absolute()
+
+
+def _optional_path(text: str) -> Path | None:
+    return None if text.lower() == "none" else parse_path(text)
 
 
 def _host(text: str) -> str:
     text = text.strip("[]")  # allow [::1] as people write it in URLs
     if not text:
-        raise argparse.ArgumentTypeError("the host must not be empty")
+        raise InvalidValue("the host must not be empty")
     return text
 
 
-def _optional_path(text: str) -> Path | None:
-    if text.lower() == "none":
-        return None
-    return Path(text).expanduser().absolute()
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-def _path(text: str) -> Path:
-    return Path(text).expanduser().absolute()
+def _check_log_level(level: str) -> None:
+    if level not in LOG_LEVELS:
+        raise InvalidValue(f"{level!r} is not a log level ({', '.join(LOG_LEVELS)})")
 
 
-def _log_level(text: str) -> str:
-    level = text.lower()
-    if level not in ("debug", "info", "warning", "error", "critical"):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a log level (debug, info, warning, error, critical)"
-        )
-    return level
+def choice(*names: str) -> Kind[str]:
+    def check(value: str) -> None:
+        if value not in names:
+            raise InvalidValue(f"invalid choice: {value!r} (choose from {', '.join(names)})")
+
+    return Kind(str, check)
+
+
+TEXT: Kind[str] = Kind(str)
+PATH: Kind[Path] = Kind(parse_path)
+
+
+# -- the option table -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Option:
-    """One command-line option: its flag, parser, default and help text."""
+    """One option, as declared on its :class:`Settings` field; see the module docstring."""
 
-    name: str
-    flag: str
     help: str
-    default: Any = None
-    type: Callable[[str], Any] | None = None
-    choices: tuple[str, ...] | None = None
-    flag_only: bool = False  # a --switch with no value
+    kind: Kind[Any] | None = None  # None: a switch
     metavar: str | None = None
-    negatable: bool = False  # also accept --no-<name>
+    switch: bool = False
+    negatable: bool = False
+    repeatable: bool = False
+    reloadable: bool = False
+    shown: str | None = None
+    name: str = ""  # the Settings field, filled in by OPTIONS
+    default: Any = None  # likewise; None also for a computed (factory) default
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
 
 
-OPTIONS: tuple[Option, ...] = (
-    Option(
-        "host",
-        "--host",
-        "address to listen on (IPv4, IPv6 such as ::1, or a name)",
-        DEFAULT_HOST,
-        _host,
-        metavar="ADDR",
-    ),
-    Option(
-        "port",
-        "--port",
-        "TCP port to listen on; 0 picks a free port",
-        DEFAULT_PORT,
-        _int_range(0, 65535),
-    ),
-    Option(
-        "max_line",
-        "--max-line",
-        "longest line in bytes, before its line ending",
-        1024,
-        _int_range(1, 1 << 20),
-        metavar="BYTES",
-    ),
-    Option(
-        "foreground",
-        "--foreground",
-        "stay attached to the terminal and log to stderr",
-        False,
-        flag_only=True,
-    ),
-    Option(
-        "console",
-        "--console",
-        "read operator commands from stdin (default: on when --foreground and stdin is a TTY)",
-        None,
-        flag_only=True,
-        negatable=True,
-    ),
-    Option(
-        "chat",
-        "--chat",
-        "also relay each client's lines to every other client",
-        False,
-        flag_only=True,
-    ),
-    Option(
-        "log_level", "--log-level", "least severe event to log", "info", _log_level, metavar="LEVEL"
-    ),
-    Option(
-        "log_format",
-        "--log-format",
-        "console (colours on a TTY) or json; default: console on a TTY, json otherwise",
-        "auto",
-        choices=("auto", "console", "json"),
-    ),
-    Option(
-        "log_file",
-        "--log-file",
-        "log file when detached (JSON lines; SIGHUP reopens it); "
-        "default /var/log/echod/echod.log for root, ~/.local/state/echod/echod.log otherwise",
-        None,
-        _path,
-        metavar="PATH",
-    ),
-    Option(
-        "pidfile",
-        "--pidfile",
-        "pidfile, locked while echod runs; default when detached: "
-        "/run/echod/echod.pid for root, $XDG_RUNTIME_DIR/echod/echod.pid otherwise",
-        None,
-        _path,
-        metavar="PATH",
-    ),
-    Option(
-        "control_socket",
-        "--control-socket",
-        "operator control socket, or 'none'; default /run/echod/control.sock for root, "
-        "$XDG_RUNTIME_DIR/echod/control.sock otherwise",
-        None,
-        _optional_path,
-        metavar="PATH|none",
-    ),
-    Option(
-        "user", "--user", "when started as root: user to run as after binding", None, metavar="NAME"
-    ),
-    Option(
-        "group",
-        "--group",
-        "when started as root: group to run as after binding",
-        None,
-        metavar="NAME",
-    ),
-    Option(
-        "max_clients",
-        "--max-clients",
-        "most clients connected at once; more are refused",
-        1000,
-        _int_range(1),
-        metavar="N",
-    ),
-    Option(
-        "idle_timeout",
-        "--idle-timeout",
-        "close a client silent this many seconds (0 = never)",
-        300.0,
-        _seconds(True),
-        metavar="SECONDS",
-    ),
-    Option(
-        "line_timeout",
-        "--line-timeout",
-        "close a client whose unfinished line is this old (0 = never)",
-        60.0,
-        _seconds(True),
-        metavar="SECONDS",
-    ),
-    Option(
-        "send_timeout",
-        "--send-timeout",
-        "drop a client that cannot take its bytes within this many seconds",
-        10.0,
-        _seconds(False),
-        metavar="SECONDS",
-    ),
-    Option(
-        "shutdown_timeout",
-        "--shutdown-timeout",
-        "longest a graceful stop waits for clients to be closed",
-        5.0,
-        _seconds(False),
-        metavar="SECONDS",
-    ),
-    Option(
-        "backlog",
-        "--backlog",
-        "listen backlog (the kernel caps it at net.core.somaxconn)",
-        4096,
-        _int_range(1, 65535),
-        metavar="N",
-    ),
-)
+def option(
+    help: str,
+    default: Any = MISSING,
+    *,
+    default_factory: Callable[[], Any] | None = None,
+    **meta: Any,
+) -> Any:
+    """A :class:`Settings` field that is an option; ``meta`` as for :class:`Option`."""
+    info = {"option": Option(help, **meta)}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=info)
+    return field(default=default, metadata=info)
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the server needs to know, validated; see :data:`OPTIONS`."""
+    """Everything the server needs to know, validated; each field is one option."""
 
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    max_line: int = 1024
-    foreground: bool = False
-    console: bool | None = None
-    chat: bool = False
-    log_level: str = "info"
-    log_format: str = "auto"
-    log_file: Path | None = None
-    pidfile: Path | None = None
-    control_socket: Path | None = None
-    user: str | None = None
-    group: str | None = None
-    max_clients: int = 1000
-    idle_timeout: float = 300.0
-    line_timeout: float = 60.0
-    send_timeout: float = 10.0
-    shutdown_timeout: float = 5.0
-    backlog: int = 4096  # a burst that overflows it stalls clients for seconds (docs/limits.md)
+    host: str = option(
+        "address to listen on (IPv4, IPv6 such as ::1, or a name)",
+        DEFAULT_HOST,
+        kind=Kind(_host),
+        metavar="ADDR",
+    )
+    port: int = option(
+        "TCP port to listen on; 0 picks a free port", DEFAULT_PORT, kind=int_range(0, 65535)
+    )
+    max_line: int = option(
+        "longest line in bytes, before its line ending",
+        1024,
+        kind=int_range(1, 1 << 20),
+        metavar="BYTES",
+    )
+    foreground: bool = option("stay attached to the terminal and log to stderr", False, switch=True)
+    console: bool | None = option(
+        "read operator commands from stdin (default: on when --foreground and stdin is a TTY)",
+        None,
+        switch=True,
+        negatable=True,
+        shown="on with `--foreground` on a TTY",
+    )
+    chat: bool = option("also relay each client's lines to every other client", False, switch=True)
+    log_level: str = option(
+        "least severe event to log", "info", kind=Kind(str.lower, _check_log_level), metavar="LEVEL"
+    )
+    log_format: str = option(
+        "console (colours on a TTY) or json; default: console on a TTY, json otherwise",
+        "auto",
+        kind=choice("auto", "console", "json"),
+        metavar="{auto,console,json}",
+    )
+    log_file: Path | None = option(
+        "log file when detached (JSON lines; SIGHUP reopens it); "
+        "default /var/log/echod/echod.log for root, ~/.local/state/echod/echod.log otherwise",
+        None,
+        kind=PATH,
+        metavar="PATH",
+        shown="see below",
+    )
+    pidfile: Path | None = option(
+        "pidfile when detached, locked while echod runs; "
+        "default /run/echod/echod.pid for root, $XDG_RUNTIME_DIR/echod/echod.pid otherwise",
+        None,
+        kind=PATH,
+        metavar="PATH",
+        shown="see below",
+    )
+    control_socket: Path | None = option(
+        "operator control socket, or 'none'; default /run/echod/control.sock for root, "
+        "$XDG_RUNTIME_DIR/echod/control.sock otherwise",
+        default_factory=default_control_socket,
+        kind=Kind(_optional_path),
+        metavar="PATH|none",
+        shown="see below",
+    )
+    user: str | None = option(
+        "when started as root: user to run as after binding",
+        None,
+        kind=TEXT,
+        metavar="NAME",
+        shown="—",
+    )
+    group: str | None = option(
+        "when started as root: group to run as after binding",
+        None,
+        kind=TEXT,
+        metavar="NAME",
+        shown="—",
+    )
+    max_clients: int = option(
+        "most clients connected at once; more are refused", 1000, kind=int_range(1), metavar="N"
+    )
+    idle_timeout: float = option(
+        "close a client silent this many seconds (0 = never)",
+        300.0,
+        kind=duration(allow_zero=True),
+        metavar="SECONDS",
+    )
+    line_timeout: float = option(
+        "close a client whose unfinished line is this old (0 = never)",
+        60.0,
+        kind=duration(allow_zero=True),
+        metavar="SECONDS",
+    )
+    send_timeout: float = option(
+        "drop a client that cannot take its bytes within this many seconds",
+        10.0,
+        kind=duration(allow_zero=False),
+        metavar="SECONDS",
+    )
+    shutdown_timeout: float = option(
+        "longest a graceful stop waits for clients to be closed",
+        5.0,
+        kind=duration(allow_zero=False),
+        metavar="SECONDS",
+    )
+    backlog: int = option(
+        # A burst that overflows it stalls clients for seconds (docs/limits.md).
+        "listen backlog (the kernel caps it at net.core.somaxconn)",
+        4096,
+        kind=int_range(1, 65535),
+        metavar="N",
+    )
 
-    @property
-    def family(self) -> socket.AddressFamily:
-        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+    def __post_init__(self) -> None:
+        for opt in OPTIONS:
+            value = getattr(self, opt.name)
+            if opt.kind is None or value is None:
+                continue
+            try:
+                for item in value if opt.repeatable else (value,):
+                    opt.kind.check(item)
+            except InvalidValue as err:
+                raise UsageError(f"argument {opt.flag}: {err}") from None
+        if self.console and not self.foreground:
+            raise UsageError("--console needs --foreground (a detached echod has no terminal)")
+        for given in ("log_file", "pidfile"):
+            if getattr(self, given) is not None and self.foreground:
+                flag = "--" + given.replace("_", "-")
+                raise UsageError(
+                    f"{flag} is for detached mode; with --foreground, echod logs to "
+                    "stderr and keeps no pidfile"
+                )
 
 
-_UNSET_CONTROL = object()
+def _options() -> tuple[Option, ...]:
+    table = []
+    for f in fields(Settings):
+        opt: Option = f.metadata["option"]
+        default = None if f.default is MISSING else f.default
+        table.append(Option(**{**vars(opt), "name": f.name, "default": default}))
+    return tuple(table)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Declare every option of :data:`OPTIONS` on ``parser``."""
-    for opt in OPTIONS:
-        dest = opt.name
-        if opt.flag_only:
+OPTIONS: tuple[Option, ...] = _options()
+
+
+def add_arguments(parser: argparse.ArgumentParser, options: tuple[Option, ...] = OPTIONS) -> None:
+    """Declare every option of ``options`` on ``parser``; unset ones are left out."""
+    for opt in options:
+        if opt.switch:
             action: Any = argparse.BooleanOptionalAction if opt.negatable else "store_true"
             parser.add_argument(
-                opt.flag, dest=dest, action=action, default=opt.default, help=opt.help
+                opt.flag, dest=opt.name, action=action, default=argparse.SUPPRESS, help=opt.help
             )
             continue
-        default = opt.default
-        if opt.name == "control_socket":
-            default = _UNSET_CONTROL  # "not given" differs from "none"
+        assert opt.kind is not None, opt.name
         shown = f" (default: {opt.default})" if opt.default is not None else ""
         parser.add_argument(
             opt.flag,
-            dest=dest,
-            type=opt.type or str,
-            default=default,
-            choices=opt.choices,
+            dest=opt.name,
+            type=opt.kind.parse,
+            action="append" if opt.repeatable else "store",
+            default=argparse.SUPPRESS,  # not given: the Settings field's default
             metavar=opt.metavar,
-            help=opt.help + shown,
+            help=opt.help + (" (repeatable)" if opt.repeatable else "") + shown,
         )
 
 
 def settings_from_namespace(ns: argparse.Namespace) -> Settings:
-    """Build validated :class:`Settings` from parsed arguments."""
-    values = {f.name: getattr(ns, f.name) for f in fields(Settings) if hasattr(ns, f.name)}
-    if values.get("control_socket") is _UNSET_CONTROL:
-        values["control_socket"] = default_control_socket()
+    """Build validated :class:`Settings` from parsed arguments (only those given)."""
+    names = {opt.name: opt for opt in OPTIONS}
+    values: dict[str, Any] = {
+        name: tuple(value) if names[name].repeatable else value
+        for name, value in vars(ns).items()
+        if name in names
+    }
     return Settings(**values)

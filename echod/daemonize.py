@@ -551,8 +551,6 @@ def _signal_map() -> dict[int, object]:
 
 def run_detached(settings: Settings) -> int:
     """Start echod as a daemon; return 0 once it serves. See the module docstring."""
-    if settings.console:
-        raise UsageError("--console needs --foreground (a detached echod has no terminal)")
     account = resolve_account(settings.user, settings.group)
     _ensure_stdio()
     inherited = _open_fds()

@@ -33,7 +33,6 @@ from tests.conftest import ROOT, TIMEOUT, EchodProcess, has_ipv6_loopback
 Spawn = Callable[..., EchodProcess]
 
 
-
 def installed_echod() -> str | None:
     """The ``echod`` console script of the environment running the tests, else PATH's.
 
@@ -400,6 +399,60 @@ def test_errors_are_one_sentence(
     done = run(cmd, *args)
     assert one_error_line(done) == expected
     assert done.returncode == status
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["--shutdown-timeout", "1e10"],
+            "echod: argument --shutdown-timeout: must be at most 86400 seconds (one day) "
+            "(see 'echod --help')",
+        ),
+        (
+            ["--send-timeout", "1e10"],
+            "echod: argument --send-timeout: must be at most 86400 seconds (one day) "
+            "(see 'echod --help')",
+        ),
+        (
+            ["--idle-timeout", "-1"],
+            "echod: argument --idle-timeout: must be 0 or more seconds (see 'echod --help')",
+        ),
+        (
+            ["--log-file", "x.log"],
+            "echod: --log-file is for detached mode; with --foreground, echod logs to "
+            "stderr and keeps no pidfile",
+        ),
+        (
+            ["--pidfile", "x.pid"],
+            "echod: --pidfile is for detached mode; with --foreground, echod logs to "
+            "stderr and keeps no pidfile",
+        ),
+    ],
+    ids=["huge-shutdown-timeout", "huge-send-timeout", "negative-timeout", "log-file", "pidfile"],
+)
+def test_bad_daemon_options_are_usage_errors(args: list[str], expected: str) -> None:
+    done = run([sys.executable, "-m", "echod"], "--foreground", "--port", "0", *args)
+    assert one_error_line(done) == expected
+    assert done.returncode == 2
+
+
+def test_the_longest_timeouts_still_stop_cleanly(spawn_echod: Spawn, tmp_path: Path) -> None:
+    """--shutdown-timeout and --send-timeout at their upper bound: no OverflowError anywhere."""
+    control = tmp_path / "control.sock"
+    echod = spawn_echod(
+        "--shutdown-timeout", "86400", "--send-timeout", "86400", "--control-socket", str(control)
+    )
+    with _client_connected(echod):
+        asked = run(
+            [sys.executable, "-m", "echod"], "ctl", "--control-socket", str(control), "list"
+        )
+        assert asked.returncode == 0, asked.stderr
+        assert asked.stdout.startswith("OK 1 client"), asked.stdout
+        echod.signal(signal.SIGTERM)
+        assert echod.wait() == 0
+    assert "Traceback" not in "".join(echod.raw_stderr)
+    assert echod.wait_event("stopped")
 
 
 def test_port_in_use(spawn_echod: Spawn) -> None:

@@ -6,10 +6,12 @@ whose errors are :class:`UsageError` with one sentence.
 
 from __future__ import annotations
 
+import argparse
 import os
-import socket
+import re
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,11 +25,14 @@ def parse(*argv: str) -> Settings:
     return settings_from_namespace(build_parser().parse_args(list(argv)))
 
 
-def test_every_option_is_a_setting_with_the_same_default() -> None:
-    by_name = {f.name: f for f in fields(Settings)}
-    assert {opt.name for opt in OPTIONS} == set(by_name)
+def test_every_setting_is_an_option_with_a_valid_default() -> None:
+    assert [opt.name for opt in OPTIONS] == [f.name for f in fields(Settings)]
+    defaults = Settings()
     for opt in OPTIONS:
-        assert by_name[opt.name].default == opt.default, opt.name
+        assert opt.flag == "--" + opt.name.replace("_", "-")
+        assert opt.help, opt.name
+        if opt.default is not None:
+            assert getattr(defaults, opt.name) == opt.default, opt.name
 
 
 def test_defaults() -> None:
@@ -36,7 +41,6 @@ def test_defaults() -> None:
     assert s.foreground is False
     assert (s.log_level, s.log_format) == ("info", "auto")
     assert s.control_socket == config.default_control_socket()
-    assert s.family == socket.AF_INET
 
 
 def test_values() -> None:
@@ -57,7 +61,6 @@ def test_values() -> None:
     )
     assert (s.host, s.port, s.max_line, s.foreground) == ("::1", 0, 16, True)
     assert (s.log_level, s.log_format, s.shutdown_timeout) == ("debug", "json", 2.5)
-    assert s.family == socket.AF_INET6
 
 
 def test_bracketed_ipv6_host() -> None:
@@ -76,7 +79,7 @@ def test_control_socket_none_and_path(tmp_path: Path) -> None:
 
 def test_console_is_negatable() -> None:
     assert parse().console is None
-    assert parse("--console").console is True
+    assert parse("--console", "--foreground").console is True
     assert parse("--no-console").console is False
 
 
@@ -93,7 +96,15 @@ def test_console_is_negatable() -> None:
         (["--host", ""], "argument --host: the host must not be empty"),
         (["--shutdown-timeout", "0"], "argument --shutdown-timeout: must be more than 0 seconds"),
         (["--idle-timeout", "nan"], "argument --idle-timeout: 'nan' is not a number of seconds"),
-        (["--idle-timeout", "-1"], "argument --idle-timeout: '-1' is not a number of seconds"),
+        (["--idle-timeout", "-1"], "argument --idle-timeout: must be 0 or more seconds"),
+        (["--idle-timeout", "x"], "argument --idle-timeout: 'x' is not a number of seconds"),
+        (["--send-timeout", "-1"], "argument --send-timeout: must be more than 0 seconds"),
+        (
+            ["--shutdown-timeout", "1e10"],
+            "argument --shutdown-timeout: must be at most 86400 seconds (one day)",
+        ),
+        (["--send-timeout", "inf"], "argument --send-timeout: must be at most 86400 seconds"),
+        (["--pidfile", ""], "argument --pidfile: the path must not be empty"),
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["--port"], "argument --port: expected one argument"),
     ],
@@ -106,6 +117,123 @@ def test_bad_values_are_one_sentence(argv: list[str], message: str) -> None:
     assert "\n" not in text
     assert text.endswith("(see 'echod --help')")
     assert info.value.exit_status == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--foreground", "--log-file", "/tmp/x.log"],
+            "--log-file is for detached mode; with --foreground, echod logs to "
+            "stderr and keeps no pidfile",
+        ),
+        (
+            ["--pidfile", "/tmp/x.pid", "--foreground"],
+            "--pidfile is for detached mode; with --foreground, echod logs to "
+            "stderr and keeps no pidfile",
+        ),
+        (["--console"], "--console needs --foreground (a detached echod has no terminal)"),
+    ],
+)
+def test_options_that_do_not_go_together(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError) as info:
+        parse(*argv)
+    assert str(info.value) == message
+    assert info.value.exit_status == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"idle_timeout": -1}, "argument --idle-timeout: must be 0 or more seconds"),
+        ({"shutdown_timeout": 0}, "argument --shutdown-timeout: must be more than 0 seconds"),
+        ({"send_timeout": 1e10}, "argument --send-timeout: must be at most 86400 seconds"),
+        ({"send_timeout": float("nan")}, "argument --send-timeout: nan is not a number"),
+        ({"port": 70000}, "argument --port: 70000 is out of range (must be from 0 to 65535)"),
+        ({"max_clients": 0}, "argument --max-clients: 0 is out of range (must be at least 1)"),
+        ({"log_level": "loud"}, "argument --log-level: 'loud' is not a log level"),
+        ({"log_format": "xml"}, "argument --log-format: invalid choice: 'xml'"),
+        ({"foreground": True, "pidfile": Path("/x.pid")}, "--pidfile is for detached mode"),
+    ],
+)
+def test_settings_built_in_code_fail_like_the_flags(
+    overrides: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(UsageError) as info:
+        Settings(**overrides)
+    assert str(info.value).startswith(message)
+
+
+def test_the_same_mistake_gets_the_same_sentence_from_flags_and_settings() -> None:
+    with pytest.raises(UsageError) as flag:
+        parse("--idle-timeout", "-1")
+    with pytest.raises(UsageError) as built:
+        Settings(idle_timeout=-1)
+    assert str(flag.value) == f"{built.value} (see 'echod --help')"
+
+
+def test_durations_up_to_one_day_are_accepted() -> None:
+    assert parse("--shutdown-timeout", "86400").shutdown_timeout == config.MAX_SECONDS == 86400
+    assert config.parse_duration("0.5") == 0.5
+    assert config.parse_duration("0", allow_zero=True) == 0.0
+    with pytest.raises(config.InvalidValue, match=r"^must be more than 0 seconds$"):
+        config.parse_duration("0")
+
+
+def test_parse_path_expands_and_makes_absolute(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert config.parse_path("x.pid") == tmp_path / "x.pid"
+    assert config.parse_path("~/x.pid") == Path("/home/someone/x.pid")
+
+
+def test_a_repeatable_option_collects_every_occurrence() -> None:
+    """action="append" options (none yet; --allow CIDR will be one): a tuple, each item parsed."""
+    table = (config.Option("a port", config.int_range(1, 9), repeatable=True, name="ports"),)
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, table)
+    assert parser.parse_args(["--ports", "1", "--ports", "3"]).ports == [1, 3]
+    assert not hasattr(parser.parse_args([]), "ports")  # not given: the field's default
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--ports", "10"])
+
+
+def test_reloadable_is_declared_for_every_option() -> None:
+    # Nothing reloads yet; the field exists so a reload has one place to look.
+    assert all(opt.reloadable is False for opt in OPTIONS)
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_flag_table() -> dict[str, str]:
+    """README's flag table: every --flag named in a row's first cell -> that row's default."""
+    rows: dict[str, str] = {}
+    text = README.read_text()
+    table = text[text.index("## Flags") :].split("\n\n")[1]
+    for line in table.splitlines()[2:]:
+        flag_cell, default, _ = line.strip("|").split("|", 2)
+        for flag in re.findall(r"--[a-z-]+", flag_cell):
+            rows[flag] = default.strip()
+    return rows
+
+
+def test_readme_flag_table_names_every_option_with_its_default() -> None:
+    rows = readme_flag_table()
+    for opt in OPTIONS:
+        assert opt.flag in rows, f"README's flag table lacks {opt.flag}"
+        if opt.shown is not None:
+            expected = opt.shown
+        elif opt.switch and opt.default is False:
+            expected = "off"
+        else:
+            value = opt.default
+            expected = f"`{value:g}`" if isinstance(value, float) else f"`{value}`"
+        assert rows[opt.flag] == expected, opt.flag
+    negations = {f"--no-{opt.flag[2:]}" for opt in OPTIONS if opt.negatable}
+    assert set(rows) - {opt.flag for opt in OPTIONS} == negations  # nothing undeclared
 
 
 def test_zero_timeouts_mean_never() -> None:
