@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from echod import __version__, control, daemonize, logs
+from echod import __version__, control, daemonize, logs, pidfile, privileges
 from echod.config import add_arguments, settings_from_namespace
 from echod.errors import EchodError, UsageError
 from echod.service import Service
@@ -56,19 +56,19 @@ def serve(argv: Sequence[str]) -> int:
     settings = settings_from_namespace(build_parser().parse_args(argv))
     if not settings.foreground:
         return daemonize.run_detached(settings)
-    account = daemonize.resolve_account(settings.user, settings.group)  # before binding
+    account = privileges.resolve_account(settings.user, settings.group)  # before binding
     logs.configure(settings.log_level, settings.log_format)
     service = Service(settings)
     if account is not None:
-        daemonize.drop_privileges(account)  # bound as root; serve as --user/--group
+        privileges.drop_privileges(account)  # bound as root; serve as --user/--group
     return service.run()
 
 
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "ctl": control.ctl_main,
     "console": control.console_main,
-    "stop": daemonize.stop_main,
-    "status": daemonize.status_main,
+    "stop": pidfile.stop_main,
+    "status": pidfile.status_main,
 }
 
 

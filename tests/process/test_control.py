@@ -25,7 +25,7 @@ from typing import IO, Any
 
 import pytest
 
-from echod.daemonize import is_alive
+from echod.pidfile import is_alive
 from tests.conftest import ROOT, TIMEOUT, Client, EchodProcess, roundtrip_once, wait_for
 
 pytestmark = pytest.mark.timeout(120)

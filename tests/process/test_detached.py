@@ -12,7 +12,7 @@ The port is read from the one line the command prints on success
 No daemon outlives its test: the ``daemons`` fixture records every pid a start
 reported and SIGKILLs, by pid, any still alive at teardown. A daemon that
 exited can stay a zombie here (this machine's init does not reap orphans), so
-"gone" means gone or zombie (:func:`echod.daemonize.is_alive`).
+"gone" means gone or zombie (:func:`echod.pidfile.is_alive`).
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ from typing import Any
 import pytest
 
 from echod import protocol
-from echod.daemonize import DaemonDied, is_alive, wait_ready
+from echod.daemonize import DaemonDied, wait_ready
 from echod.errors import StartupError
+from echod.pidfile import is_alive
 from tests.conftest import ROOT, TIMEOUT, Client, roundtrip_once, wait_for
 
 START_TIMEOUT = 3 * TIMEOUT  # the command itself waits up to 30 s for readiness
@@ -547,7 +548,7 @@ def test_group_alone_changes_only_the_group(daemons: Daemons, shared_dir: Path) 
 # which nobody could not even read. encodings.idna is imported lazily by getaddrinfo.
 AS_NOBODY = r"""
 import os, sys
-import encodings.idna, echod.cli, echod.daemonize
+import encodings.idna, echod.cli, echod.daemonize, echod.pidfile, echod.privileges
 # Python's stdlib may live where nobody cannot read it (pyenv under /root):
 # exercise the lazy imports argparse makes (shutil, gettext) while still root.
 echod.cli.build_parser().format_help()

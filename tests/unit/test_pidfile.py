@@ -1,4 +1,4 @@
-"""The pidfile, what ``echod status`` reads from it, and ``--user``/``--group`` lookup.
+"""The pidfile and what ``echod status`` reads from it (:mod:`echod.pidfile`).
 
 Real files in tmp_path and real ``flock`` locks. ``flock`` locks belong to
 an open file description, so a second open of the same path in this very
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from echod import daemonize
-from echod.daemonize import DEAD, NOT_RUNNING, RUNNING, UNKNOWN, Pidfile, inspect
+from echod import pidfile as pidfile_module
 from echod.errors import StartupError, UsageError
+from echod.pidfile import DEAD, NOT_RUNNING, RUNNING, UNKNOWN, Pidfile, read_state
 from tests.conftest import TIMEOUT, wait_for
 
 
@@ -82,7 +82,7 @@ def test_stale_pidfile_is_taken_over(pidfile: Pidfile) -> None:
     pidfile.path.write_text(f"{dead_pid()}\n")
     pidfile.acquire()
     pidfile.write_pid(os.getpid())
-    assert inspect(pidfile.path).status == RUNNING
+    assert read_state(pidfile.path).status == RUNNING
 
 
 def test_release_removes_and_unlocks(pidfile: Pidfile) -> None:
@@ -121,47 +121,47 @@ def test_a_directory_in_the_way_is_one_sentence(tmp_path: Path) -> None:
         Pidfile(tmp_path / "file" / "echod.pid").acquire()
 
 
-# -- inspect: what echod status and echod stop see -------------------------------
+# -- read_state: what echod status and echod stop see -------------------------------
 
 
-def test_inspect_missing_pidfile_is_not_running(tmp_path: Path) -> None:
-    state = inspect(tmp_path / "none.pid")
+def test_read_state_missing_pidfile_is_not_running(tmp_path: Path) -> None:
+    state = read_state(tmp_path / "none.pid")
     assert (state.status, state.pid) == (NOT_RUNNING, None)
     assert "not running" in state.message
 
 
-def test_inspect_empty_unlocked_pidfile_is_not_running(tmp_path: Path) -> None:
+def test_read_state_empty_unlocked_pidfile_is_not_running(tmp_path: Path) -> None:
     # What a daemon leaves when it may not remove its pidfile (dropped privileges).
     (tmp_path / "echod.pid").write_text("")
-    assert inspect(tmp_path / "echod.pid").status == NOT_RUNNING
+    assert read_state(tmp_path / "echod.pid").status == NOT_RUNNING
 
 
 @pytest.mark.parametrize("content", ["{dead}\n", "garbage\n"])
-def test_inspect_unlocked_pidfile_with_content_is_stale(tmp_path: Path, content: str) -> None:
+def test_read_state_unlocked_pidfile_with_content_is_stale(tmp_path: Path, content: str) -> None:
     path = tmp_path / "echod.pid"
     path.write_text(content.format(dead=dead_pid()))
-    state = inspect(path)
+    state = read_state(path)
     assert state.status == DEAD
     assert "stale" in state.message
 
 
-def test_inspect_locked_pidfile_held_by_its_pid_is_running(pidfile: Pidfile) -> None:
+def test_read_state_locked_pidfile_held_by_its_pid_is_running(pidfile: Pidfile) -> None:
     pidfile.acquire()
     pidfile.write_pid(os.getpid())
-    state = inspect(pidfile.path)
+    state = read_state(pidfile.path)
     assert (state.status, state.pid) == (RUNNING, os.getpid())
     assert pidfile.path.read_text() == f"{os.getpid()}\n"
-    Pidfile(pidfile.path.with_name("x.pid")).acquire()  # inspect left no lock of its own
+    Pidfile(pidfile.path.with_name("x.pid")).acquire()  # read_state left no lock of its own
 
 
-def test_inspect_locked_pidfile_naming_another_process_is_unknown(pidfile: Pidfile) -> None:
+def test_read_state_locked_pidfile_naming_another_process_is_unknown(pidfile: Pidfile) -> None:
     # The lock is held (by us), but the pid written is a process that does not
     # have the file open: whoever signals it on this word would hit a stranger.
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         pidfile.acquire()
         pidfile.write_pid(stranger.pid)
-        state = inspect(pidfile.path)
+        state = read_state(pidfile.path)
         assert (state.status, state.pid) == (UNKNOWN, stranger.pid)
         assert "does not hold it" in state.message
     finally:
@@ -169,14 +169,14 @@ def test_inspect_locked_pidfile_naming_another_process_is_unknown(pidfile: Pidfi
         stranger.wait(TIMEOUT)
 
 
-def test_inspect_locked_pidfile_without_pid_is_unknown(pidfile: Pidfile) -> None:
+def test_read_state_locked_pidfile_without_pid_is_unknown(pidfile: Pidfile) -> None:
     pidfile.acquire()
-    state = inspect(pidfile.path, grace=0.0)
+    state = read_state(pidfile.path, grace=0.0)
     assert state.status == UNKNOWN
     assert "holds no pid" in state.message
 
 
-def test_inspect_waits_briefly_for_a_starting_daemon_to_write_its_pid(pidfile: Pidfile) -> None:
+def test_read_state_waits_briefly_for_a_starting_daemon_to_write_its_pid(pidfile: Pidfile) -> None:
     pidfile.acquire()
     writer = subprocess.Popen(
         [
@@ -190,15 +190,15 @@ def test_inspect_waits_briefly_for_a_starting_daemon_to_write_its_pid(pidfile: P
         ]
     )
     try:
-        state = inspect(pidfile.path, grace=TIMEOUT)
+        state = read_state(pidfile.path, grace=TIMEOUT)
         assert (state.status, state.pid) == (RUNNING, os.getpid())
     finally:
         writer.wait(TIMEOUT)
 
 
-def test_inspect_a_directory_is_unknown(tmp_path: Path) -> None:
+def test_read_state_a_directory_is_unknown(tmp_path: Path) -> None:
     (tmp_path / "echod.pid").mkdir()
-    assert inspect(tmp_path / "echod.pid").status == UNKNOWN
+    assert read_state(tmp_path / "echod.pid").status == UNKNOWN
 
 
 def test_is_alive_treats_a_zombie_as_gone() -> None:
@@ -207,39 +207,37 @@ def test_is_alive_treats_a_zombie_as_gone() -> None:
     if child == 0:
         os._exit(0)
     try:
-        wait_for(lambda: not daemonize.is_alive(child), what="the child to become a zombie")
+        wait_for(lambda: not pidfile_module.is_alive(child), what="the child to become a zombie")
         assert os.path.exists(f"/proc/{child}")  # still there, unreaped
     finally:
         os.waitpid(child, 0)
-    assert daemonize.is_alive(os.getpid())
+    assert pidfile_module.is_alive(os.getpid())
 
 
-# -- --user / --group ------------------------------------------------------------
+# -- echod stop / echod status: their options ---------------------------------------
 
 
-def test_no_user_no_group_is_no_switch() -> None:
-    assert daemonize.resolve_account(None, None) is None
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-def test_user_and_group_are_looked_up_by_name_or_number() -> None:
-    nobody = daemonize.resolve_account("nobody", None)
-    assert nobody == daemonize.Account("nobody", 65534, 65534)
-    assert daemonize.resolve_account("65534", "0") == daemonize.Account("nobody", 65534, 0)
-    assert daemonize.resolve_account(None, "nogroup") == daemonize.Account(None, None, 65534)
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 @pytest.mark.parametrize(
-    ("user", "group", "message"),
+    ("argv", "message"),
     [
-        ("no-such-user-echod", None, "--user: no such user 'no-such-user-echod'"),
-        (None, "no-such-group-echod", "--group: no such group 'no-such-group-echod'"),
+        (["--timeout", "0"], "argument --timeout: must be more than 0 seconds"),
+        (["--timeout", "-1"], "argument --timeout: must be more than 0 seconds"),
+        (["--timeout", "soon"], "argument --timeout: 'soon' is not a number of seconds"),
+        (["--timeout", "1e10"], "argument --timeout: must be at most 86400 seconds (one day)"),
+        (["--pidfile", ""], "argument --pidfile: the path must not be empty"),
     ],
 )
-def test_unknown_account_is_a_usage_error(
-    user: str | None, group: str | None, message: str
-) -> None:
-    with pytest.raises(UsageError) as err:
-        daemonize.resolve_account(user, group)
-    assert str(err.value) == message
+def test_stop_options_get_the_daemons_sentences(argv: list[str], message: str) -> None:
+    """The same parsers as the daemon's flags (echod.config), so the same words."""
+    with pytest.raises(UsageError) as info:
+        pidfile_module.stop_main(argv)
+    assert str(info.value) == f"{message} (see 'echod stop --help')"
+    assert info.value.exit_status == 2
+
+
+def test_status_help_states_every_lsb_code(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        pidfile_module.status_main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for code, meaning in pidfile_module.STATUS_CODES.items():
+        assert f"{code} {' '.join(meaning.split())}" in help_text
