@@ -21,9 +21,11 @@ be, the field name itself). An :class:`Option` also says:
   code). Kinds shared with other commands are public: :func:`parse_duration`
   and :func:`parse_path` (``echod stop --timeout``, ``echod ctl --timeout``,
   every ``--pidfile``), so one mistake gets one sentence everywhere.
-- ``switch`` (a ``--flag`` without a value; ``negatable`` adds ``--no-flag``)
-  or ``repeatable`` (``action="append"``: every occurrence adds one item; the
-  setting is a tuple, empty by default, each item parsed by ``kind``).
+- no ``kind``: a switch, a ``--flag`` without a value (``negatable`` adds
+  ``--no-flag``).
+- ``repeatable``: ``action="append"``, every occurrence adds one item, each
+  parsed by ``kind``; declare the field ``tuple[X, ...]`` with
+  ``default_factory=tuple`` (for example ``--allow CIDR``).
 - ``reloadable``: whether a running echod may apply a new value without a
   restart (nothing reloads yet; a reload will change only these).
 - ``shown``: the README's default cell when it is not the value itself (a
@@ -36,8 +38,8 @@ A bad value raises :class:`InvalidValue` (a ``ValueError``, and argparse's
 ``ArgumentTypeError`` so argparse prints its sentence) with one sentence
 that does not repeat the value's name; whoever knows the name adds it.
 :class:`Settings` raises :class:`~echod.errors.UsageError` (exit status 2),
-``"--NAME: SENTENCE"``, the same as the CLI, also for combinations of
-options that do not go together.
+``"argument --NAME: SENTENCE"``, the words argparse uses for the flag, and
+one sentence for options that do not go together.
 """
 
 from __future__ import annotations
@@ -146,15 +148,13 @@ def check_duration(value: float, *, allow_zero: bool = False) -> None:
         raise InvalidValue(f"must be at most {MAX_SECONDS:g} seconds (one day)")
 
 
-def parse_duration(text: str, *, allow_zero: bool = False) -> float:
-    """Seconds from text: a number above 0 (or 0 too) up to :data:`MAX_SECONDS`."""
-    value = _to_seconds(text)
-    check_duration(value, allow_zero=allow_zero)
-    return value
-
-
 def duration(*, allow_zero: bool) -> Kind[float]:
     return Kind(_to_seconds, lambda value: check_duration(value, allow_zero=allow_zero))
+
+
+def parse_duration(text: str, *, allow_zero: bool = False) -> float:
+    """Seconds from text: a number above 0 (or 0 too) up to :data:`MAX_SECONDS`."""
+    return duration(allow_zero=allow_zero).parse(text)
 
 
 def parse_path(text: str) -> Path:
@@ -203,15 +203,18 @@ class Option:
     """One option, as declared on its :class:`Settings` field; see the module docstring."""
 
     help: str
-    kind: Kind[Any] | None = None  # None: a switch
+    kind: Kind[Any] | None = None  # None: a switch, --flag without a value
     metavar: str | None = None
-    switch: bool = False
-    negatable: bool = False
+    negatable: bool = False  # a switch that also has --no-flag
     repeatable: bool = False
     reloadable: bool = False
     shown: str | None = None
     name: str = ""  # the Settings field, filled in by OPTIONS
     default: Any = None  # likewise; None also for a computed (factory) default
+
+    @property
+    def switch(self) -> bool:
+        return self.kind is None
 
     @property
     def flag(self) -> str:
@@ -251,15 +254,14 @@ class Settings:
         kind=int_range(1, 1 << 20),
         metavar="BYTES",
     )
-    foreground: bool = option("stay attached to the terminal and log to stderr", False, switch=True)
+    foreground: bool = option("stay attached to the terminal and log to stderr", False)
     console: bool | None = option(
         "read operator commands from stdin (default: on when --foreground and stdin is a TTY)",
         None,
-        switch=True,
         negatable=True,
         shown="on with `--foreground` on a TTY",
     )
-    chat: bool = option("also relay each client's lines to every other client", False, switch=True)
+    chat: bool = option("also relay each client's lines to every other client", False)
     log_level: str = option(
         "least severe event to log", "info", kind=Kind(str.lower, _check_log_level), metavar="LEVEL"
     )
