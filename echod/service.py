@@ -231,10 +231,8 @@ class Service:
                 detail="handlers outlived the deadline",
                 remaining=len(self.registry),
             )
-        # Stopped: from here on the process only exits, with status 0. Python's
-        # own teardown resets every signal it handles to SIG_DFL (_PySignal_Fini),
-        # so a stop signal arriving then would kill echod by that signal (143);
-        # an ignored signal it leaves ignored.
+        # Step 7: the interpreter's teardown (_PySignal_Fini) resets handled
+        # signals to SIG_DFL, but leaves ignored ones ignored.
         for sig in (*STOP_SIGNALS, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         stats = self.registry.stats()
