@@ -56,7 +56,7 @@ BACKGROUND_POLL = 1.0  # seconds between tries to read a terminal we are in the 
 
 
 class Target(Client, Protocol):
-    """What a command needs of a connected client (echod.server.Connection)."""
+    """What a command needs of a connected client (echod.connection.Connection)."""
 
     peer: str
     started: float  # monotonic

@@ -1,33 +1,25 @@
-"""socketserver glue: the listening server, its connections and their handler.
+"""socketserver glue: the listening server and the handler that serves each client.
 
 Design
 ------
-:class:`EchoServer` is a :class:`socketserver.ThreadingTCPServer`: one thread
-accepts, one thread per client runs :class:`EchoHandler`, which only moves
-bytes between the socket and a :class:`~echod.protocol.LineProtocol`.
+:class:`EchoServer` is a :class:`socketserver.TCPServer` that starts one
+thread per client itself; one thread accepts, and each client's thread runs
+:class:`EchoHandler`, which only moves bytes between the socket and a
+:class:`~echod.protocol.LineProtocol`.
 
-Each client is a :class:`Connection`, registered in the
+Each client is a :class:`~echod.connection.Connection` (its socket, protocol
+state, counters, write queue and send deadline; that module's docstring says
+how writes and endings work), registered in the
 :class:`~echod.registry.Registry` by the accepting thread *before* its
-handler thread starts, so ``--max-clients`` is exact. Every write to a client
-(echoes, operator pushes, chat relays, error lines) goes through the
-connection's queue of whole lines and its write lock, with non-blocking
-sends: a thread that finds the lock taken leaves its line in the queue for
-the lock holder, so no thread ever blocks on another client, and a client
-only ever sees whole lines. The handler thread alone waits (with a deadline,
-``--send-timeout``) when its client stops reading: that is the back-pressure
-that keeps echod from reading more than it can answer.
+handler thread starts, so ``--max-clients`` is exact.
 
 Timeouts are not kept on the sockets: the handler's ``recv`` blocks without
 one, which keeps the hot path to one ``recv`` and one ``send`` per burst, and
-the handler reads no clock: it only counts bytes and lines. Reads start small
-and grow to :data:`RECV_SIZE` while a client sends more (:data:`SMALL_RECV`). A single janitor
-thread looks at every connection a few times a second, turns what the
-counters did since its last look into times (:meth:`Connection.notice`), and
-ends the connections that are idle, trickling a line, or not reading
-(``--idle-timeout``, ``--line-timeout``, ``--send-timeout``). Any thread ends
-a connection the same way, with :meth:`Connection.end`: queue a last line,
-then ``shutdown()`` the socket, which wakes the handler; only the handler
-closes the socket, so a descriptor is never reused under it.
+the handler reads no clock. Reads start small and grow to :data:`RECV_SIZE`
+while a client sends more (:data:`SMALL_RECV`). A single janitor thread looks
+at every connection a few times a second (:meth:`Connection.notice`) and ends
+the connections that are idle, trickling a line, or not reading
+(``--idle-timeout``, ``--line-timeout``, ``--send-timeout``).
 
 Running out of descriptors (``accept`` fails with EMFILE/ENFILE) or threads
 (``can't start new thread``) makes the accept loop pause
@@ -42,7 +34,9 @@ be accepted and told ``ERR server out of resources``. Threads get
 CPU; docs/limits.md has the figures.
 
 Extension points: :attr:`EchoServer.RequestHandlerClass`,
-:meth:`EchoHandler.on_lines` (chat relay), :attr:`Registry.on_change`.
+:meth:`EchoHandler.setup` (the pre-serve step: anything a connection must go
+through before it is served), :meth:`EchoHandler.on_lines` (chat relay),
+:attr:`Registry.on_change`.
 
 Shutdown
 --------
@@ -60,7 +54,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import socket
 import socketserver
 import sys
@@ -72,6 +65,7 @@ from typing import Any
 
 from echod import protocol
 from echod.config import Settings
+from echod.connection import Connection, ConnectionGone
 from echod.errors import StartupError
 from echod.logs import Logger, get_logger
 from echod.registry import Registry
@@ -83,7 +77,6 @@ RECV_SIZE = 65536
 # 64-byte line), and the malloc held by a thread blocked in recv kept ~7 KiB
 # resident per connection. So handlers read this much until a read fills it.
 SMALL_RECV = 512 - 33
-MAX_QUEUED = 256  # lines waiting for a client that is not reading; then slow_reader
 LINGER_SECONDS = 1.0  # after the last reply, read and discard input this long at most
 LINGER_BYTES = 256 * 1024
 THREAD_STACK = 256 * 1024  # handlers are shallow; thousands of threads must fit
@@ -99,14 +92,6 @@ ACCEPT_POLL = 0.1  # how soon the accept loop notices stop(); part of the shutdo
 _now = time.monotonic
 
 
-class ConnectionGone(Exception):
-    """The client can no longer be written to; ``reason`` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 def format_peer(addr: Any) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         host, port = addr[0], addr[1]
@@ -114,216 +99,41 @@ def format_peer(addr: Any) -> str:
     return str(addr) or "unknown"
 
 
-class Connection:
-    """One connected client: its socket, protocol state, counters and the way to write to it."""
-
-    __slots__ = (
-        "_out",
-        "_wlock",
-        "bytes_in",
-        "bytes_out",
-        "connected_at",
-        "end_reason",
-        "id",
-        "last_active",
-        "line_started",
-        "lines_in",
-        "lines_out",
-        "peer",
-        "proto",
-        "seen_bytes_in",
-        "seen_lines_in",
-        "send_timeout",
-        "sock",
-        "stalled_since",
-        "started",
-        "thread",
-    )
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        peer: str,
-        cid: int,
-        send_timeout: float,
-        max_line: int = protocol.DEFAULT_MAX_LINE,
-    ) -> None:
-        self.sock = sock
-        self.peer = peer
-        self.id = cid
-        self.send_timeout = send_timeout
-        self.proto = protocol.LineProtocol(max_line)  # the handler feeds it; the janitor reads it
-        self.connected_at = time.time()
-        self.end_reason: str | None = None  # set once, by whoever ends the connection
-        self.stalled_since: float | None = None  # a send could not finish
-        # The handler only counts; the janitor turns counts into times (see notice()).
-        self.bytes_in = self.bytes_out = self.lines_in = self.lines_out = 0
-        self.seen_bytes_in = self.seen_lines_in = 0
-        self.started = self.last_active = _now()
-        self.line_started: float | None = None  # first byte of an unfinished line, as seen
-        self.thread: threading.Thread | None = None
-        self._wlock = threading.Lock()
-        # Lines waiting to be sent. A list, not a deque: it is nearly always
-        # empty, and an empty list costs 56 bytes where a deque costs ~600,
-        # on every one of thousands of connections. append and pop(0) are
-        # atomic under the GIL, which is all the sharing below relies on.
-        self._out: list[tuple[bytes, int]] = []
-
-    # -- writing ---------------------------------------------------------
-
-    def push(self, data: bytes, lines: int = 1) -> bool:
-        """Queue whole lines from any thread and send what the socket takes now.
-
-        Never blocks. Returns False if the client is gone or is being ended;
-        a client whose queue overflows is ended as ``slow_reader``.
-        """
-        if self.end_reason is not None:
-            return False
-        if len(self._out) >= MAX_QUEUED:
-            self.end(None, "slow_reader")
-            return False
-        self._out.append((data, lines))
-        self.flush()
-        return True
-
-    def send(self, data: bytes, lines: int) -> None:
-        """Send from the handler thread, waiting while the client cannot take it.
-
-        Raises :class:`ConnectionGone` when the client is gone, being ended,
-        or did not take its bytes within ``send_timeout``.
-        """
-        out = self._out
-        # Fast path, nearly every echo: nothing queued, nobody else sending,
-        # and the socket takes it all. Otherwise queue it behind the rest.
-        if not out and self._wlock.acquire(False):
-            try:
-                sent = self.sock.send(data, socket.MSG_DONTWAIT)
-            except OSError:
-                sent = 0  # would block, or broken: the queued path finds out which
-            if sent == len(data):
-                self.bytes_out += sent
-                self.lines_out += lines
-                self._wlock.release()
-                if out:  # another thread queued a line while we held the lock
-                    self.flush()
-                return
-            if sent:
-                self.bytes_out += sent
-                data = data[sent:]
-            out.insert(0, (data, lines))  # before anything queued meanwhile
-            self._wlock.release()
-        else:
-            out.append((data, lines))
-        self.flush()
-        if out:
-            self._wait_sent(_now() + self.send_timeout)
-        if self.end_reason is not None:
-            raise ConnectionGone(self.end_reason)
-
-    def flush(self) -> None:
-        """Send queued lines without blocking, if no other thread is sending.
-
-        Whoever holds the write lock sends everything queued, including what
-        other threads added meanwhile; the outer loop re-checks after the
-        release so no line is left behind by a thread that found the lock
-        taken. A partial send leaves the rest at the head of the queue, so
-        lines never interleave.
-        """
-        out = self._out
-        while out and self._wlock.acquire(False):
-            try:
-                while out:
-                    data, lines = out[0]
-                    try:
-                        sent = self.sock.send(data, socket.MSG_DONTWAIT)
-                    except BlockingIOError:
-                        sent = 0
-                    except OSError:
-                        out.clear()
-                        self.end(None, "reset")
-                        return
-                    self.bytes_out += sent
-                    if sent < len(data):
-                        out[0] = (data[sent:], lines)
-                        if self.stalled_since is None:
-                            self.stalled_since = _now()
-                        return
-                    del out[0]
-                    self.lines_out += lines
-                self.stalled_since = None
-            finally:
-                self._wlock.release()
-
-    def _wait_sent(self, deadline: float, ending: bool = False) -> None:
-        poller = select.poll()
-        poller.register(self.sock, select.POLLOUT)
-        while self._out and (ending or self.end_reason is None):
-            remaining = deadline - _now()
-            if remaining <= 0:
-                if not ending:
-                    self.end(None, "slow_reader")
-                return
-            poller.poll(min(remaining, 0.5) * 1000)
-            self.flush()
-
-    def send_last(self, data: bytes, timeout: float) -> None:
-        """The handler's final reply (bye, an error): queued even while ending."""
-        self._out.append((data, 1))
-        self.flush()
-        if self._out:
-            self._wait_sent(_now() + timeout, ending=True)
-
-    # -- timing ----------------------------------------------------------
-
-    def notice(self, now: float) -> None:
-        """The janitor's look: turn counter changes since the last one into times.
-
-        Input since the last look makes the client active ``now``; a line
-        completed since then, with another one unfinished, starts that line's
-        clock ``now``. Both are noticed up to one tick late, never early.
-        ``pending`` is read before ``lines_in``, so a line finished between
-        the two reads counts as new rather than keeping an older start.
-        """
-        pending = self.proto.pending
-        bytes_in, lines_in = self.bytes_in, self.lines_in
-        if bytes_in != self.seen_bytes_in:
-            self.seen_bytes_in = bytes_in
-            self.last_active = now
-        if not pending:
-            self.line_started = None
-        elif self.line_started is None or lines_in != self.seen_lines_in:
-            self.line_started = now
-        self.seen_lines_in = lines_in
-
-    # -- ending ----------------------------------------------------------
-
-    def end(self, last_line: bytes | None, reason: str) -> bool:
-        """End the connection from any thread: queue ``last_line``, then shut down.
-
-        The first reason wins; returns False if the connection was already
-        being ended. The handler thread notices (its ``recv`` returns) and
-        closes the socket.
-        """
-        if self.end_reason is not None:
-            return False
-        self.end_reason = reason
-        if last_line is not None:
-            self._out.append((last_line, 1))
-            self.flush()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # already disconnected
-        return True
-
-
 class EchoHandler(socketserver.BaseRequestHandler):
-    """Moves bytes between one client's socket and its line protocol."""
+    """Moves bytes between one client's socket and its line protocol.
+
+    :class:`socketserver.BaseRequestHandler` runs :meth:`setup`, then
+    :meth:`handle`, then ``finish()``, in the client's own thread; ``request``
+    is the client's :class:`Connection`, already registered.
+    """
 
     request: Connection
     server: EchoServer
 
+    def setup(self) -> None:
+        """The pre-serve step: what a connection goes through before it is served.
+
+        Runs in the client's thread, after registration, before :meth:`handle`
+        reads anything; today it does nothing. A step here (reading a PROXY
+        header, an admission check, a TLS handshake) may block on this one
+        client only, and must bound its own wait. To refuse the client it
+        calls ``self.request.end(error_line, reason)``: :meth:`handle` then
+        sees ``end_reason`` at its first read, reads no further and closes the
+        socket as for any other ending. An exception here is a bug, logged as
+        ``handler_error`` (reason ``error``) by :meth:`EchoServer.handle_error`.
+        """
+
     def handle(self) -> None:
+        """Serve the client until it is done; then send the last reply and close.
+
+        Returns when the client sent ``exit``, a too-long line or end of
+        input, reset, or was ended by another thread (:meth:`Connection.end`:
+        a timeout, a kick, shutdown); ``end_reason`` then says which. The
+        handler owns the reading side and the socket itself: it alone reads,
+        and it alone closes, in :meth:`_close`. Its body is one inline loop
+        on purpose: it is the hot path, and every call or attribute look-up
+        in it is paid per read (bench/instructions.py counts them).
+        """
         conn = self.request
         server = self.server
         proto = conn.proto
@@ -417,10 +227,30 @@ class EchoHandler(socketserver.BaseRequestHandler):
         sock.close()
 
 
-class EchoServer(socketserver.ThreadingTCPServer):
-    """The listening server; see the module docstring for the design."""
+class EchoServer(socketserver.TCPServer):
+    """The listening server; see the module docstring for the design.
 
-    daemon_threads = True  # stop() joins handlers itself, with a deadline
+    Inherited from :class:`socketserver.TCPServer` and used as they are:
+    binding and listening (``server_bind``, ``server_activate``), the accept
+    loop (``serve_forever``, ``shutdown``, ``_handle_request_noblock``, which
+    calls ``get_request``, ``verify_request``, ``process_request`` in turn),
+    ``server_close``, ``fileno``. Replaced: ``get_request`` (backs off when
+    out of descriptors), ``verify_request`` (``--max-clients``),
+    ``process_request`` (the thread per client), ``handle_error`` (one log
+    event instead of a traceback). ``finish_request`` and
+    ``shutdown_request`` are not used: the client's thread builds the
+    handler and the handler closes its socket.
+
+    Why not :class:`socketserver.ThreadingMixIn`: its ``process_request``
+    starts a thread that it neither names nor hands back, appends it to a
+    list that only ``server_close`` joins (without a deadline), and lets
+    ``can't start new thread`` escape to ``handle_error``. echod needs the
+    client registered before its thread starts (``--max-clients`` exact), the
+    thread on the :class:`Connection` (``stop()`` joins each with one
+    deadline), and a refused client told ``ERR server busy`` while the accept
+    loop backs off; overriding all of that would leave nothing of the mixin.
+    """
+
     allow_reuse_address = True
     RequestHandlerClass: Callable[[Any, Any, EchoServer], socketserver.BaseRequestHandler]
 

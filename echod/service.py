@@ -42,11 +42,12 @@ from types import FrameType
 
 from echod import systemd
 from echod.config import Settings
+from echod.connection import Connection
 from echod.console import StdinConsole
 from echod.control import ControlServer
 from echod.logs import LogFile, Logger, get_logger
 from echod.registry import Registry
-from echod.server import Connection, EchoServer
+from echod.server import EchoServer
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Descriptors besides one per client: std streams, listener, reserve, control

@@ -36,8 +36,9 @@ import pytest
 
 from echod import logs
 from echod.config import Settings
+from echod.connection import Connection
 from echod.registry import Registry
-from echod.server import Connection, EchoServer
+from echod.server import EchoServer
 
 TIMEOUT = 10.0  # the longest any single blocking call in a test may take
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import pytest
 
+from echod.connection import Connection
 from echod.console import Commands
-from echod.server import Connection
 from tests.conftest import Client, RunningServer, wait_for
 
 pytestmark = pytest.mark.timeout(60)

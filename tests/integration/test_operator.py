@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 
 from echod.config import Settings
+from echod.connection import Connection
 from echod.control import ControlServer
 from echod.errors import StartupError
-from echod.server import Connection
 from echod.service import Service
 from tests.conftest import TIMEOUT, CapturedLogs, Client, wait_for
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from echod.server import Connection
+from echod.connection import Connection
 
 
 @pytest.fixture

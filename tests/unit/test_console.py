@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from echod.config import Settings
+from echod.connection import Connection
 from echod.console import HELP, CommandLines, Commands, StdinConsole, decode
 from echod.registry import Registry
-from echod.server import Connection
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,0 +1,260 @@
+"""One connected client: its socket, protocol state, counters, write queue and send deadline.
+
+Design
+------
+A :class:`Connection` is created and registered by the accepting thread
+(:mod:`echod.server`) before its handler thread starts; from then on several
+threads use it: its handler (reads, echoes), the janitor (timeouts), the
+operator (pushes, kicks), other clients' handlers (chat relays).
+
+Writing. Every write to a client (echoes, operator pushes, chat relays, error
+lines) goes through the connection's queue of whole lines and its write lock,
+with non-blocking sends: a thread that finds the lock taken leaves its line in
+the queue for the lock holder, so no thread ever blocks on another client, and
+a client only ever sees whole lines. The handler thread alone waits, in
+:meth:`Connection.send`, with a deadline (``send_timeout``, ``--send-timeout``)
+when its client stops reading: that is the back-pressure that keeps echod
+from reading more than it can answer. A queue longer than :data:`MAX_QUEUED`
+lines ends the client as ``slow_reader``.
+
+Timing. The handler reads no clock: it only counts bytes and lines. The
+janitor turns what the counters did since its last look into times
+(:meth:`Connection.notice`).
+
+Ending. Any thread ends a connection the same way, with
+:meth:`Connection.end`: queue a last line, then ``shutdown()`` the socket,
+which wakes the handler; only the handler closes the socket, so a descriptor
+is never reused under it. The first reason wins (``end_reason``).
+
+State. Everything a connection is lives in its ``__slots__``, grouped in
+:meth:`Connection.__init__` by who writes it: identity (``sock``, ``peer``,
+``id``, ``connected_at``), the protocol's unfinished input (``proto``), the
+handler's counters, the janitor's times, the write queue and lock, and the
+ending. A step that must carry a connection elsewhere (to another process)
+has exactly these to carry; nothing about a client is kept anywhere else
+except its entry in the :class:`~echod.registry.Registry`.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+
+from echod import protocol
+
+MAX_QUEUED = 256  # lines waiting for a client that is not reading; then slow_reader
+
+_now = time.monotonic
+
+
+class ConnectionGone(Exception):
+    """The client can no longer be written to; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Connection:
+    """One connected client: its socket, protocol state, counters and the way to write to it."""
+
+    __slots__ = (
+        "_out",
+        "_wlock",
+        "bytes_in",
+        "bytes_out",
+        "connected_at",
+        "end_reason",
+        "id",
+        "last_active",
+        "line_started",
+        "lines_in",
+        "lines_out",
+        "peer",
+        "proto",
+        "seen_bytes_in",
+        "seen_lines_in",
+        "send_timeout",
+        "sock",
+        "stalled_since",
+        "started",
+        "thread",
+    )
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        peer: str,
+        cid: int,
+        send_timeout: float,
+        max_line: int = protocol.DEFAULT_MAX_LINE,
+    ) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.id = cid
+        self.send_timeout = send_timeout
+        self.proto = protocol.LineProtocol(max_line)  # the handler feeds it; the janitor reads it
+        self.connected_at = time.time()
+        self.end_reason: str | None = None  # set once, by whoever ends the connection
+        self.stalled_since: float | None = None  # a send could not finish
+        # The handler only counts; the janitor turns counts into times (see notice()).
+        self.bytes_in = self.bytes_out = self.lines_in = self.lines_out = 0
+        self.seen_bytes_in = self.seen_lines_in = 0
+        self.started = self.last_active = _now()
+        self.line_started: float | None = None  # first byte of an unfinished line, as seen
+        self.thread: threading.Thread | None = None
+        self._wlock = threading.Lock()
+        # Lines waiting to be sent. A list, not a deque: it is nearly always
+        # empty, and an empty list costs 56 bytes where a deque costs ~600,
+        # on every one of thousands of connections. append and pop(0) are
+        # atomic under the GIL, which is all the sharing below relies on.
+        self._out: list[tuple[bytes, int]] = []
+
+    # -- writing ---------------------------------------------------------
+
+    def push(self, data: bytes, lines: int = 1) -> bool:
+        """Queue whole lines from any thread and send what the socket takes now.
+
+        Never blocks. Returns False if the client is gone or is being ended;
+        a client whose queue overflows is ended as ``slow_reader``.
+        """
+        if self.end_reason is not None:
+            return False
+        if len(self._out) >= MAX_QUEUED:
+            self.end(None, "slow_reader")
+            return False
+        self._out.append((data, lines))
+        self.flush()
+        return True
+
+    def send(self, data: bytes, lines: int) -> None:
+        """Send from the handler thread, waiting while the client cannot take it.
+
+        Raises :class:`ConnectionGone` when the client is gone, being ended,
+        or did not take its bytes within ``send_timeout``.
+        """
+        out = self._out
+        # Fast path, nearly every echo: nothing queued, nobody else sending,
+        # and the socket takes it all. Otherwise queue it behind the rest.
+        if not out and self._wlock.acquire(False):
+            try:
+                sent = self.sock.send(data, socket.MSG_DONTWAIT)
+            except OSError:
+                sent = 0  # would block, or broken: the queued path finds out which
+            if sent == len(data):
+                self.bytes_out += sent
+                self.lines_out += lines
+                self._wlock.release()
+                if out:  # another thread queued a line while we held the lock
+                    self.flush()
+                return
+            if sent:
+                self.bytes_out += sent
+                data = data[sent:]
+            out.insert(0, (data, lines))  # before anything queued meanwhile
+            self._wlock.release()
+        else:
+            out.append((data, lines))
+        self.flush()
+        if out:
+            self._wait_sent(_now() + self.send_timeout)
+        if self.end_reason is not None:
+            raise ConnectionGone(self.end_reason)
+
+    def flush(self) -> None:
+        """Send queued lines without blocking, if no other thread is sending.
+
+        Whoever holds the write lock sends everything queued, including what
+        other threads added meanwhile; the outer loop re-checks after the
+        release so no line is left behind by a thread that found the lock
+        taken. A partial send leaves the rest at the head of the queue, so
+        lines never interleave.
+        """
+        out = self._out
+        while out and self._wlock.acquire(False):
+            try:
+                while out:
+                    data, lines = out[0]
+                    try:
+                        sent = self.sock.send(data, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        sent = 0
+                    except OSError:
+                        out.clear()
+                        self.end(None, "reset")
+                        return
+                    self.bytes_out += sent
+                    if sent < len(data):
+                        out[0] = (data[sent:], lines)
+                        if self.stalled_since is None:
+                            self.stalled_since = _now()
+                        return
+                    del out[0]
+                    self.lines_out += lines
+                self.stalled_since = None
+            finally:
+                self._wlock.release()
+
+    def _wait_sent(self, deadline: float, ending: bool = False) -> None:
+        poller = select.poll()
+        poller.register(self.sock, select.POLLOUT)
+        while self._out and (ending or self.end_reason is None):
+            remaining = deadline - _now()
+            if remaining <= 0:
+                if not ending:
+                    self.end(None, "slow_reader")
+                return
+            poller.poll(min(remaining, 0.5) * 1000)
+            self.flush()
+
+    def send_last(self, data: bytes, timeout: float) -> None:
+        """The handler's final reply (bye, an error): queued even while ending."""
+        self._out.append((data, 1))
+        self.flush()
+        if self._out:
+            self._wait_sent(_now() + timeout, ending=True)
+
+    # -- timing ----------------------------------------------------------
+
+    def notice(self, now: float) -> None:
+        """The janitor's look: turn counter changes since the last one into times.
+
+        Input since the last look makes the client active ``now``; a line
+        completed since then, with another one unfinished, starts that line's
+        clock ``now``. Both are noticed up to one tick late, never early.
+        ``pending`` is read before ``lines_in``, so a line finished between
+        the two reads counts as new rather than keeping an older start.
+        """
+        pending = self.proto.pending
+        bytes_in, lines_in = self.bytes_in, self.lines_in
+        if bytes_in != self.seen_bytes_in:
+            self.seen_bytes_in = bytes_in
+            self.last_active = now
+        if not pending:
+            self.line_started = None
+        elif self.line_started is None or lines_in != self.seen_lines_in:
+            self.line_started = now
+        self.seen_lines_in = lines_in
+
+    # -- ending ----------------------------------------------------------
+
+    def end(self, last_line: bytes | None, reason: str) -> bool:
+        """End the connection from any thread: queue ``last_line``, then shut down.
+
+        The first reason wins; returns False if the connection was already
+        being ended. The handler thread notices (its ``recv`` returns) and
+        closes the socket.
+        """
+        if self.end_reason is not None:
+            return False
+        self.end_reason = reason
+        if last_line is not None:
+            self._out.append((last_line, 1))
+            self.flush()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already disconnected
+        return True
