@@ -12,7 +12,7 @@ import pytest
 
 from echod.connection import Connection
 from echod.console import Commands
-from tests.conftest import Client, RunningServer, wait_for
+from tests.helpers import Client, RunningServer, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

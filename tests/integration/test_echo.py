@@ -1,6 +1,6 @@
 """The protocol over real loopback sockets, against an in-process EchoServer on a free port.
 
-Every client call has a timeout (conftest.TIMEOUT); readiness is awaited by
+Every client call has a timeout (helpers.TIMEOUT); readiness is awaited by
 a round trip or by watching the registry, never by sleeping.
 """
 
@@ -15,7 +15,7 @@ import pytest
 
 from echod import protocol
 from echod.protocol import BYE, SHUTDOWN_NOTICE
-from tests.conftest import (
+from tests.helpers import (
     TIMEOUT,
     CapturedLogs,
     Client,

@@ -24,7 +24,7 @@ from echod import server as server_module
 from echod.config import OPTIONS, Settings
 from echod.protocol import BYE, line_too_long
 from echod.server import EchoServer
-from tests.conftest import TIMEOUT, CapturedLogs, Client, RunningServer, wait_for
+from tests.helpers import TIMEOUT, CapturedLogs, Client, RunningServer, wait_for
 
 MakeServer = Callable[..., RunningServer]
 Connect = Callable[..., Client]

@@ -16,7 +16,6 @@ import socket
 import stat
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,15 @@ from echod.connection import Connection
 from echod.control import ControlServer
 from echod.errors import StartupError
 from echod.service import Service
-from tests.conftest import TIMEOUT, CapturedLogs, Client, wait_for
+from tests.helpers import (
+    TIMEOUT,
+    CapturedLogs,
+    Client,
+    LineReader,
+    flood_until_stalled,
+    read_answer,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -43,25 +50,18 @@ class Session:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(str(path))
-        self.buf = b""
+        self.reader = LineReader.of_socket(self.sock, timeout)
 
     def read_answer(self) -> list[str]:
         """The lines of one answer, up to the empty line that ends it ([] at EOF)."""
-        while b"\n\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                assert self.buf == b"", f"answer cut short: {self.buf!r}"
-                return []
-            self.buf += chunk
-        answer, _, self.buf = self.buf.partition(b"\n\n")
-        return answer.decode().split("\n")
+        return read_answer(self.reader)
 
     def ask(self, line: str | bytes) -> list[str]:
         self.sock.sendall((line.encode() if isinstance(line, str) else line) + b"\n")
         return self.read_answer()
 
     def at_eof(self) -> bool:
-        return self.sock.recv(1) == b""
+        return self.reader.read_exactly(1) == b""
 
     def close(self) -> None:
         self.sock.close()
@@ -378,29 +378,6 @@ def test_operator_lines_never_land_inside_echoed_lines(
     assert says == pushes  # every push whole and in order
 
 
-def _flood_until_stalled(
-    sock: socket.socket, limit_bytes: int = 256 << 20, limit_seconds: float = 20.0
-) -> int:
-    """Send lines without ever reading until the server stops taking them."""
-    chunk = (b"s" * 999 + b"\n") * 64
-    sock.setblocking(False)
-    sent = 0
-    deadline = time.monotonic() + limit_seconds
-    idle_since: float | None = None
-    while sent < limit_bytes and time.monotonic() < deadline:
-        try:
-            sent += sock.send(chunk)
-            idle_since = None
-        except BlockingIOError:
-            idle_since = idle_since or time.monotonic()
-            if time.monotonic() - idle_since > 0.3:  # the server stopped reading
-                break
-            time.sleep(0.01)
-        except OSError:
-            break  # already dropped
-    return sent
-
-
 def test_a_client_that_never_reads_slows_nobody(
     make_operated: Callable[..., Operated],
     connect: Callable[..., Client],
@@ -420,7 +397,7 @@ def test_a_client_that_never_reads_slows_nobody(
             what="slow client",
         )
         echod.conn(other)
-        assert _flood_until_stalled(slow) > 0
+        assert flood_until_stalled([slow], stall=0.3, timeout=20.0, dropped_ok=True) > 0
         # While the server cannot write to the slow client (or has just dropped it):
         wait_for(
             lambda: slow_conn.stalled_since is not None or slow_conn.end_reason,

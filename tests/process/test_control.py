@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +24,15 @@ from typing import IO, Any
 import pytest
 
 from echod.pidfile import is_alive
-from tests.conftest import ROOT, TIMEOUT, Client, EchodProcess, roundtrip_once, wait_for
+from tests.helpers import (
+    ROOT,
+    TIMEOUT,
+    Client,
+    EchodProcess,
+    LineReader,
+    roundtrip_once,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -67,20 +73,15 @@ class Reader:
     """Lines from a child's output stream, collected by a thread; waits have deadlines."""
 
     def __init__(self, stream: IO[bytes]) -> None:
-        self.lines: queue.Queue[bytes | None] = queue.Queue()
+        self.reader = LineReader.of_pipe(stream)
         self.seen: list[bytes] = []
-        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
-
-    def _pump(self, stream: IO[bytes]) -> None:
-        for line in iter(stream.readline, b""):
-            self.lines.put(line)
-        self.lines.put(None)
 
     def next(self, timeout: float = TIMEOUT) -> bytes | None:
         """The next line (None at end of stream)."""
-        line = self.lines.get(timeout=timeout)
-        if line is not None:
-            self.seen.append(line)
+        line = self.reader.readline(timeout)
+        if not line:
+            return None
+        self.seen.append(line)
         return line
 
     def wait_for(self, pattern: bytes, timeout: float = TIMEOUT) -> bytes:
@@ -94,7 +95,7 @@ class Reader:
                 )
             try:
                 line = self.next(remaining)
-            except queue.Empty:
+            except TimeoutError:
                 continue
             if line is None:
                 raise AssertionError(

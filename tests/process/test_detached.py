@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import re
 import select
 import shutil
@@ -29,7 +28,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +39,7 @@ from echod import protocol
 from echod.daemonize import DaemonDied, wait_ready
 from echod.errors import StartupError
 from echod.pidfile import is_alive
-from tests.conftest import ROOT, TIMEOUT, Client, roundtrip_once, wait_for
+from tests.helpers import ROOT, TIMEOUT, Client, LineReader, roundtrip_once, wait_for
 
 START_TIMEOUT = 3 * TIMEOUT  # the command itself waits up to 30 s for readiness
 STARTED = re.compile(r"^echod listening on (?P<host>\S+):(?P<port>\d+) \(pid (?P<pid>\d+)\)$")
@@ -263,20 +261,12 @@ def test_stop_signal_is_a_graceful_stop_with_exit_status_0(
             str(log),
         ],
         stdout=subprocess.PIPE,
-        text=True,
         cwd=ROOT,
     )
-    lines: queue.Queue[str] = queue.Queue()
     assert reaper.stdout is not None
-    out = reaper.stdout
-
-    def pump() -> None:
-        for line in out:
-            lines.put(line)
-
-    threading.Thread(target=pump, daemon=True).start()
+    lines = LineReader.of_pipe(reaper.stdout)
     try:
-        started = json.loads(lines.get(timeout=START_TIMEOUT))
+        started = json.loads(lines.readline(START_TIMEOUT))
         assert started["rc"] == 0, started["stderr"]
         match = STARTED.match(started["stdout"].strip())
         assert match
@@ -288,7 +278,7 @@ def test_stop_signal_is_a_graceful_stop_with_exit_status_0(
         os.kill(pid, stop_signal)
         assert client.read_all() == protocol.SHUTDOWN_NOTICE  # told, then closed
         client.close()
-        while (reaped := json.loads(lines.get(timeout=TIMEOUT)))["pid"] != pid:
+        while (reaped := json.loads(lines.readline()))["pid"] != pid:
             pass  # the intermediate processes of the double fork
         assert reaped == {"pid": pid, "exit": 0}
         reaper.wait(TIMEOUT)
@@ -443,11 +433,10 @@ def test_stop_never_signals_a_pid_that_does_not_hold_the_pidfile(tmp_path: Path)
     locker = subprocess.Popen(
         [sys.executable, "-c", LOCKER, str(pidfile), str(bystander.pid)],
         stdout=subprocess.PIPE,
-        text=True,
     )
     try:
         assert locker.stdout is not None
-        assert locker.stdout.readline() == "locked\n"
+        assert LineReader.of_pipe(locker.stdout).readline() == b"locked\n"
         status = echod("status", "--pidfile", str(pidfile))
         assert status.returncode == 4
         assert "does not hold it" in status.stderr

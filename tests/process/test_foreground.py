@@ -12,14 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +26,7 @@ from typing import Any
 import pytest
 
 from echod import __version__
-from tests.conftest import ROOT, TIMEOUT, EchodProcess, has_ipv6_loopback
+from tests.helpers import ROOT, TIMEOUT, EchodProcess, LineReader, has_ipv6_loopback
 
 Spawn = Callable[..., EchodProcess]
 
@@ -84,22 +82,14 @@ class Netcat:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        self._lines: queue.Queue[bytes] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(b"")  # EOF
+        self.reader = LineReader.of_pipe(self.proc.stdout)
+        self.readline = self.reader.readline
 
     def type(self, line: bytes) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.write(line)
         self.proc.stdin.flush()
-
-    def readline(self) -> bytes:
-        return self._lines.get(timeout=TIMEOUT)
 
     def quit(self) -> int:
         """Close nc's input (Ctrl-D) and wait for it to exit."""
@@ -302,17 +292,10 @@ def test_console_log_format(netcat: Callable[..., Netcat]) -> None:
         stderr=subprocess.PIPE,
         cwd=ROOT,
     )
-    lines: queue.Queue[bytes] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.put(line)
-        lines.put(b"")
-
-    threading.Thread(target=pump, daemon=True).start()
+    assert proc.stderr is not None
+    lines = LineReader.of_pipe(proc.stderr)
     try:
-        first = lines.get(timeout=TIMEOUT).decode()
+        first = lines.readline().decode()
         assert "listening" in first, first
         found = re.search(r"\bport=(\d+)\b", first)
         assert found, first
@@ -325,7 +308,7 @@ def test_console_log_format(netcat: Callable[..., Netcat]) -> None:
             proc.kill()
             proc.wait(TIMEOUT)
     rest: list[str] = [first]
-    while raw := lines.get(timeout=TIMEOUT):
+    while raw := lines.readline():
         rest.append(raw.decode())
     assert [
         name

@@ -28,7 +28,6 @@ import json
 import os
 import queue
 import re
-import select
 import shlex
 import shutil
 import signal
@@ -44,7 +43,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ACTIVATE_WRAPPER
+from tests.helpers import ACTIVATE_WRAPPER, LineReader
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UNIT_DIR = REPO_ROOT / "systemd"
@@ -232,14 +231,14 @@ def test_logrotate_postrotate_sends_hup(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-c", _HUP_CATCHER, "echod-stand-in"],
         stdout=subprocess.PIPE,
-        text=True,
     )
     try:
         assert proc.stdout is not None
-        assert _readline(proc.stdout, EVENT_TIMEOUT) == "ready\n"
+        out = LineReader.of_pipe(proc.stdout, EVENT_TIMEOUT)
+        assert out.readline() == b"ready\n"
         pidfile.write_text(f"{proc.pid}\n")
         subprocess.run(["sh", "-ec", _postrotate(pidfile)], timeout=EVENT_TIMEOUT, check=True)
-        assert _readline(proc.stdout, EVENT_TIMEOUT) == "HUP\n"
+        assert out.readline() == b"HUP\n"
         assert proc.wait(timeout=EVENT_TIMEOUT) == 0
     finally:
         _kill(proc)
@@ -333,13 +332,6 @@ def _exec_start_argv(unit_text: str, env: dict[str, str]) -> list[str]:
     return argv
 
 
-def _readline(stream: Any, timeout: float) -> str:
-    ready, _, _ = select.select([stream], [], [], timeout)
-    assert ready, f"no output within {timeout} s"
-    line: str = stream.readline()
-    return line
-
-
 def _kill(proc: subprocess.Popen[Any]) -> None:
     if proc.poll() is None:
         proc.kill()
@@ -359,12 +351,7 @@ def _echo(port: int, line: bytes = b"hello from systemd test\n") -> socket.socke
     conn = socket.create_connection(("127.0.0.1", port), timeout=EVENT_TIMEOUT)
     try:
         conn.sendall(line)
-        got = b""
-        while not got.endswith(b"\n"):
-            chunk = conn.recv(4096)
-            assert chunk, f"connection closed after {got!r}"
-            got += chunk
-        assert got == line
+        assert LineReader.of_socket(conn, EVENT_TIMEOUT).readline() == line
     except BaseException:
         conn.close()
         raise

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from tests.helpers import LineReader, read_answer
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MiB = 1024 * 1024
 
@@ -58,15 +60,21 @@ def sample(pid: int) -> Sample:
     return Sample(threads, rss, cpu)
 
 
-def settled(pid: int, quiet: float = 0.2, timeout: float = 5.0) -> Sample:
+def settled(pid: int, quiet: float = 0.2, timeout: float = 10.0) -> Sample:
     """A sample once the thread count has not changed for ``quiet`` seconds.
 
-    A handler logs ``connection_closed`` just before its thread ends.
+    A handler logs ``connection_closed`` just before its thread ends, so a
+    count still moving means threads are still ending. Fails the test if the
+    count has not held still within ``timeout``.
     """
     deadline = time.monotonic() + timeout
     last = sample(pid)
     since = time.monotonic()
-    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+    while time.monotonic() - since < quiet:
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"thread count of {pid} still changing after {timeout}s (now {last.threads})"
+            )
         time.sleep(0.02)
         now = sample(pid)
         if now.threads != last.threads:
@@ -402,13 +410,7 @@ def control(path: str, command: str, timeout: float = 10.0) -> str:
         sock.settimeout(timeout)
         sock.connect(path)
         sock.sendall(command.encode() + b"\n")
-        buf = b""
-        while b"\n\n" not in buf:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    return buf.partition(b"\n\n")[0].decode()
+        return "\n".join(read_answer(LineReader.of_socket(sock, timeout), cut_short_ok=True))
 
 
 def stats(path: str) -> dict[str, str]:
@@ -416,39 +418,3 @@ def stats(path: str) -> dict[str, str]:
     answer = control(path, "/stats")
     assert answer.startswith("OK"), answer
     return dict(line.split("=", 1) for line in answer.splitlines()[1:] if "=" in line)
-
-
-def flood_until_stalled(
-    socks: list[socket.socket], stall: float = 0.5, timeout: float = 60.0
-) -> int:
-    """Send whole lines on non-blocking sockets, never reading, until echod takes no more.
-
-    The server's buffers absorb megabytes first, so "send would block" once
-    proves nothing: a client counts as stalled when echod has taken none of
-    its bytes for ``stall`` seconds, i.e. its handler is blocked sending
-    echoes that are not read. Returns the bytes sent in all.
-    """
-    lines = b"".join(b"%999d\n" % i for i in range(64))
-    pending = {sock: memoryview(lines) for sock in socks}
-    progress = dict.fromkeys(socks, time.monotonic())
-    total = 0
-    deadline = time.monotonic() + timeout
-    while True:
-        now = time.monotonic()
-        active = [sock for sock in socks if now - progress[sock] < stall]
-        if not active:
-            return total
-        if now > deadline:
-            raise AssertionError(f"{len(active)} clients still not stalled after {timeout}s")
-        moved = False
-        for sock in active:
-            try:
-                sent = sock.send(pending[sock])
-            except BlockingIOError:
-                continue
-            total += sent
-            progress[sock] = now
-            moved = True
-            pending[sock] = pending[sock][sent:] or memoryview(lines)
-        if not moved:
-            time.sleep(0.005)

@@ -9,14 +9,13 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.helpers import LineReader, flood_until_stalled, wait_for
 from tests.stress.stresskit import (
     Harness,
     MiB,
     PeakWatch,
     Swarm,
     control,
-    flood_until_stalled,
     linger0,
 )
 
@@ -38,16 +37,13 @@ class Roundtripper(threading.Thread):
         self.failures: list[str] = []
         self.received: list[bytes] = []
         self._halt = threading.Event()
-        self._buf = b""
+        self._reader = LineReader.of_socket(self.sock, 5)
 
     def readline(self) -> bytes:
-        while b"\n" not in self._buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("server closed")
-            self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line + b"\n"
+        line = self._reader.readline()
+        if not line.endswith(b"\n"):
+            raise ConnectionError("server closed")
+        return line
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -172,18 +168,11 @@ def test_a_client_that_never_reads_is_dropped_as_slow_reader(echod: Callable[...
     normal.start()
     hog = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
     hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fill up sooner
-    stop_hog = threading.Event()
     hog_sent = [0]
 
     def flood() -> None:
         """Lines to echo (and relay) as fast as the server takes them; never read."""
-        line = b"h" * 1000 + b"\n"
-        try:
-            while not stop_hog.is_set():
-                hog.sendall(line * 64)
-                hog_sent[0] += 64
-        except OSError:
-            return  # dropped (reset), or timed out because the server stopped reading
+        hog_sent[0] = flood_until_stalled([hog], dropped_ok=True) // 1000
 
     flooder = threading.Thread(target=flood, daemon=True)
     flooder.start()
@@ -196,7 +185,6 @@ def test_a_client_that_never_reads_is_dropped_as_slow_reader(echod: Callable[...
         answers.append(control(srv.ctl, "/broadcast tick", timeout=5))
         answers.append(control(srv.ctl, "/stats", timeout=5))
         srv.pump(0.1)
-    stop_hog.set()
     dropped = srv.events("connection_closed", reason="slow_reader")[0]
     print(
         f"\nslow reader: sent {hog_sent[0]} lines, dropped after {dropped['duration']}s; "

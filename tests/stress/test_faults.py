@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 from tests.stress.stresskit import Harness, MiB, Swarm, open_fds, sample
 
 pytestmark = pytest.mark.slow

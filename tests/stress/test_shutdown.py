@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.stress.stresskit import Harness, Swarm, flood_until_stalled
+from tests.helpers import flood_until_stalled
+from tests.stress.stresskit import Harness, Swarm
 
 pytestmark = pytest.mark.slow
 

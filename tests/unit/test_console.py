@@ -22,6 +22,7 @@ from echod.config import Settings
 from echod.connection import Connection
 from echod.console import HELP, CommandLines, Commands, StdinConsole, decode
 from echod.registry import Registry
+from tests.helpers import LineReader
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,29 +35,11 @@ class Peer:
 
     conn: Connection
     sock: socket.socket
-    buf: bytes = b""
 
-    def readline(self) -> bytes:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                rest, self.buf = self.buf, b""
-                return rest
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line + b"\n"
-
-    def pending(self) -> bytes:
-        """Whatever has arrived so far, without waiting."""
-        self.sock.settimeout(0)
-        try:
-            data = self.sock.recv(65536)
-        except BlockingIOError:
-            data = b""
-        finally:
-            self.sock.settimeout(TIMEOUT)
-        data, self.buf = self.buf + data, b""
-        return data
+    def __post_init__(self) -> None:
+        self.reader = LineReader.of_socket(self.sock, TIMEOUT)
+        self.readline = self.reader.readline
+        self.pending = self.reader.available  # whatever has arrived so far, without waiting
 
 
 @dataclass

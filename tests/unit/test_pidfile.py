@@ -22,7 +22,7 @@ import pytest
 from echod import pidfile as pidfile_module
 from echod.errors import StartupError, UsageError
 from echod.pidfile import DEAD, NOT_RUNNING, RUNNING, UNKNOWN, Pidfile, read_state
-from tests.conftest import TIMEOUT, wait_for
+from tests.helpers import TIMEOUT, wait_for
 
 
 @pytest.fixture

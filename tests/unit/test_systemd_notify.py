@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from echod import systemd
-from tests.conftest import ACTIVATE_WRAPPER
+from tests.helpers import ACTIVATE_WRAPPER
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECV_TIMEOUT = 5.0
