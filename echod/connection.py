@@ -28,9 +28,9 @@ is never reused under it. The first reason wins (``end_reason``).
 
 State. Everything a connection is lives in its ``__slots__``, grouped in
 :meth:`Connection.__init__` by who writes it: identity (``sock``, ``peer``,
-``id``, ``connected_at``), the protocol's unfinished input (``proto``), the
-handler's counters, the janitor's times, the write queue and lock, and the
-ending. A step that must carry a connection elsewhere (to another process)
+``id``, ``started``, ``thread``), the protocol's unfinished input
+(``proto``), the handler's counters, the janitor's times, writing (deadline,
+queue, lock) and the ending. A step that must carry a connection elsewhere (to another process)
 has exactly these to carry; nothing about a client is kept anywhere else
 except its entry in the :class:`~echod.registry.Registry`.
 """
@@ -65,7 +65,6 @@ class Connection:
         "_wlock",
         "bytes_in",
         "bytes_out",
-        "connected_at",
         "end_reason",
         "id",
         "last_active",
@@ -91,26 +90,31 @@ class Connection:
         send_timeout: float,
         max_line: int = protocol.DEFAULT_MAX_LINE,
     ) -> None:
+        # Identity, fixed at accept: the socket, who it is, which client.
         self.sock = sock
         self.peer = peer
         self.id = cid
-        self.send_timeout = send_timeout
-        self.proto = protocol.LineProtocol(max_line)  # the handler feeds it; the janitor reads it
-        self.connected_at = time.time()
-        self.end_reason: str | None = None  # set once, by whoever ends the connection
-        self.stalled_since: float | None = None  # a send could not finish
-        # The handler only counts; the janitor turns counts into times (see notice()).
+        self.started = _now()  # for ages and durations
+        self.thread: threading.Thread | None = None  # set by the accepting thread
+        # Protocol state: the unfinished line. The handler feeds it; the janitor reads it.
+        self.proto = protocol.LineProtocol(max_line)
+        # Counters. The handler only counts; the janitor turns counts into times (notice()).
         self.bytes_in = self.bytes_out = self.lines_in = self.lines_out = 0
+        # The janitor's times, and what the counters were at its last look.
         self.seen_bytes_in = self.seen_lines_in = 0
-        self.started = self.last_active = _now()
+        self.last_active = self.started
         self.line_started: float | None = None  # first byte of an unfinished line, as seen
-        self.thread: threading.Thread | None = None
+        # Writing: the send deadline, the queue of whole lines, its lock.
+        self.send_timeout = send_timeout
+        self.stalled_since: float | None = None  # a send could not finish
         self._wlock = threading.Lock()
         # Lines waiting to be sent. A list, not a deque: it is nearly always
         # empty, and an empty list costs 56 bytes where a deque costs ~600,
         # on every one of thousands of connections. append and pop(0) are
         # atomic under the GIL, which is all the sharing below relies on.
         self._out: list[tuple[bytes, int]] = []
+        # Ending: set once, by whoever ends the connection; the first reason wins.
+        self.end_reason: str | None = None
 
     # -- writing ---------------------------------------------------------
 
