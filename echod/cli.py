@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from echod import __version__, control, daemonize, logs, pidfile, privileges
+from echod import __version__, ctl, daemonize, logs, pidfile, privileges
 from echod.config import add_arguments, settings_from_namespace
 from echod.errors import EchodError, UsageError
 from echod.service import Service
@@ -65,8 +65,8 @@ def serve(argv: Sequence[str]) -> int:
 
 
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "ctl": control.ctl_main,
-    "console": control.console_main,
+    "ctl": ctl.ctl_main,
+    "console": ctl.console_main,
     "stop": pidfile.stop_main,
     "status": pidfile.status_main,
 }

@@ -1,10 +1,11 @@
-"""The control socket, and the ``echod ctl`` / ``echod console`` clients of it.
+"""The control socket: the operator's way into an echod without a terminal.
 
 Design
 ------
 The control socket is how an operator reaches an echod that has no terminal:
 a Unix stream socket, never a TCP port. It speaks the command language of
-:class:`echod.console.Commands`, one command a line.
+:mod:`echod.commands`, one command a line. Its clients (``echod ctl``,
+``echod console``) are in :mod:`echod.ctl`.
 
 Framing: the answer to each command is its lines (the first starts with
 ``OK`` or ``ERR``), then one empty line. No answer line is ever empty, so a
@@ -34,18 +35,10 @@ operator closes it, after :data:`IDLE_TIMEOUT` seconds without a command, or
 when echod stops. A session writes with a deadline (``--send-timeout``), so
 an operator that stops reading only stalls its own session. Nothing here
 touches the registry lock except through the commands.
-
-The clients (:class:`ControlClient`): ``echod ctl`` turns its words into one
-command line (``ctl send 3 hi`` is ``/send 3 hi``), prints the answer (``OK``
-on stdout, ``ERR`` on stderr) and exits 0 on ``OK``, 1 on ``ERR`` or when no
-echod answers, 2 on bad usage. ``echod console`` sends stdin line by line and
-prints each answer. Both read an answer up to its empty line; a refused
-connection's ``ERR`` is read even when sending the command hit EPIPE.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import os
@@ -53,22 +46,18 @@ import select
 import socket
 import stat
 import struct
-import sys
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from echod.config import default_control_socket
-from echod.console import CommandLines, Commands, Operated, commands_for, decode, encode
-from echod.errors import EchodError, StartupError, UsageError
+from echod.commands import CommandLines, Commands, Operated, commands_for, decode, encode
+from echod.errors import StartupError
 from echod.logs import Logger, get_logger
 
 MAX_SESSIONS = 4
 IDLE_TIMEOUT = 300.0  # seconds a session may stay without a command
 PROBE_TIMEOUT = 1.0  # a live echod accepts at once; no answer in this time is "alive but busy"
-CLIENT_TIMEOUT = 10.0  # ctl/console: how long to wait for an answer
 SUN_PATH_MAX = 107  # bytes in sockaddr_un.sun_path, without the NUL
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -351,192 +340,3 @@ def _refuse(conn: socket.socket, reason: str) -> None:
     with contextlib.suppress(OSError):
         conn.send(f"ERR {reason}\n\n".encode(), socket.MSG_DONTWAIT)
     conn.close()
-
-
-# -- the clients: echod ctl, echod console ---------------------------------
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see '{self.prog} --help')")
-
-
-class ControlClient:
-    """One session on the control socket, from the operator's side."""
-
-    def __init__(self, path: Path, timeout: float = CLIENT_TIMEOUT) -> None:
-        self.path = path
-        self.timeout = timeout
-        self._buf = b""
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        try:
-            self._sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            self._sock.close()
-            raise EchodError(f"no echod is listening on control socket {path}") from None
-        except PermissionError:
-            self._sock.close()
-            raise EchodError(
-                f"permission denied on control socket {path} (run as the user "
-                "echod runs as, or as root)"
-            ) from None
-        except OSError as err:
-            self._sock.close()
-            raise EchodError(
-                f"cannot connect to control socket {path}: {err.strerror or err}"
-            ) from None
-
-    def ask(self, line: str) -> str | None:
-        """Send one command line; its answer without the final empty line, or None if the
-        daemon closed the connection without answering."""
-        # Refused or closed: an ERR answer may still be waiting to be read.
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self._sock.sendall(encode(line) + b"\n")
-        return self.read_answer()
-
-    def read_answer(self) -> str | None:
-        lines: list[bytes] = []
-        while True:
-            nl = self._buf.find(b"\n")
-            if nl >= 0:
-                line, self._buf = self._buf[:nl], self._buf[nl + 1 :]
-                if not line:
-                    return decode(b"\n".join(lines))
-                lines.append(line)
-                continue
-            try:
-                chunk = self._sock.recv(65536)
-            except TimeoutError:
-                raise EchodError(
-                    f"echod did not answer within {self.timeout:g} s on control socket {self.path}"
-                ) from None
-            except ConnectionResetError:
-                chunk = b""
-            if not chunk:
-                if self._buf:
-                    lines.append(self._buf)
-                    self._buf = b""
-                return decode(b"\n".join(lines)) if lines else None
-            self._buf += chunk
-
-    def close(self) -> None:
-        self._sock.close()
-
-
-def _socket_path(text: str) -> Path:
-    return Path(text).expanduser().absolute()
-
-
-def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return value
-
-
-def _add_socket_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--control-socket",
-        type=_socket_path,
-        default=None,
-        metavar="PATH",
-        help=f"the daemon's control socket (default: {default_control_socket()})",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=_timeout,
-        default=CLIENT_TIMEOUT,
-        metavar="SECONDS",
-        help="how long to wait for an answer (default: %(default)s)",
-    )
-
-
-CTL_EPILOG = """\
-commands (the console commands without their slash):
-  list                  connected clients, one a line
-  send ID TEXT          push 'Server says: TEXT' to client ID
-  broadcast TEXT        push it to every client
-  kick ID [REASON]      disconnect a client
-  stats                 server counters
-  shutdown              stop echod gracefully
-  help                  the daemon's own list
-
-Exit status: 0 on OK, 1 on ERR or when no echod answers, 2 on bad usage.
-"""
-
-
-def ctl_main(argv: Sequence[str]) -> int:
-    """``echod ctl COMMAND [ARGS]``: one command, its answer, OK -> 0, ERR -> 1."""
-    parser = _Parser(
-        prog="echod ctl",
-        usage="%(prog)s [--control-socket PATH] [--timeout SECONDS] COMMAND [ARGS...]",
-        description="Send one operator command to a running echod and print its answer.",
-        epilog=CTL_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_socket_option(parser)
-    # One REMAINDER, so that text such as "-1" or "--x" after the command is text.
-    parser.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND [ARGS]")
-    ns = parser.parse_args(list(argv))
-    if not ns.words:
-        parser.error("a COMMAND is required")
-    line = "/" + " ".join([ns.words[0].removeprefix("/"), *ns.words[1:]])
-    if "\n" in line or "\r" in line:
-        print("ERR text must be one line (no CR or LF)", file=sys.stderr)
-        return 1
-    path = ns.control_socket or default_control_socket()
-    client = ControlClient(path, ns.timeout)
-    try:
-        answer = client.ask(line)
-    finally:
-        client.close()
-    if answer is None:
-        raise EchodError(f"echod closed control socket {path} without answering")
-    ok = answer.startswith("OK")
-    print(answer, file=sys.stdout if ok else sys.stderr)
-    return 0 if ok else 1
-
-
-def console_main(argv: Sequence[str]) -> int:
-    """``echod console``: an interactive session, one command a line, until end of input."""
-    parser = _Parser(
-        prog="echod console",
-        description="An interactive operator session on "
-        "a running echod's control socket (Ctrl-D ends it).",
-    )
-    _add_socket_option(parser)
-    ns = parser.parse_args(list(argv))
-    path = ns.control_socket or default_control_socket()
-    client = ControlClient(path, ns.timeout)
-    interactive = sys.stdin.isatty()
-    if interactive:
-        with contextlib.suppress(ImportError):
-            import readline  # noqa: F401  (line editing and history for input())
-        print(
-            f"connected to echod on {path}: /help lists commands, other lines are "
-            "broadcast, Ctrl-D ends the session",
-            file=sys.stderr,
-        )
-    try:
-        while True:
-            try:
-                line = input("echod> ") if interactive else sys.stdin.readline()
-            except EOFError:
-                line = ""
-            if not line:
-                if interactive:
-                    print(file=sys.stderr)
-                return 0
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            answer = client.ask(line)
-            if answer is None:
-                raise EchodError(f"echod closed the session on control socket {path}")
-            print(answer, flush=True)
-    finally:
-        client.close()

@@ -126,6 +126,7 @@ class Service:
     def _start_console(self) -> None:
         console = StdinConsole(self)
         console.start()
+        self._closers.append(console.close)
 
     def close(self) -> None:
         """Release what the constructor acquired, for a start abandoned before :meth:`run`."""

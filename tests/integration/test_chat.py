@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import pytest
 
+from echod.commands import Commands
 from echod.connection import Connection
-from echod.console import Commands
 from tests.helpers import Client, RunningServer, wait_for
 
 pytestmark = pytest.mark.timeout(60)
