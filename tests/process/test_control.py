@@ -1,10 +1,11 @@
 """The operator interfaces of the real ``echod`` command, as an operator uses them.
 
-Real processes only: ``echod`` serving (in the foreground, under a pseudo
-terminal, and detached), ``echod ctl`` and ``echod console`` as commands,
+Real processes only: ``echod`` serving (in the foreground with stdin a pipe,
+and detached), ``echod ctl`` and ``echod console`` as commands,
 ``socat`` on the control socket and ``nc`` as the client that receives the
-pushes. Every control socket lives in its own short directory under /tmp
-(sun_path holds 107 bytes, pytest's directories are long).
+pushes; the consoles at a terminal are in test_consoles.py. Every control
+socket lives in its own short directory under /tmp (sun_path holds 107
+bytes, pytest's directories are long).
 """
 
 from __future__ import annotations
@@ -191,6 +192,15 @@ def test_ctl_exit_codes(daemon: EchodProcess, sock_path: Path, ctl_dir: Path) ->
     assert usage.returncode == 2
     assert usage.stderr.startswith("echod: ") and len(usage.stderr.splitlines()) == 1
 
+    # Usage mistakes only the daemon can see are usage errors too.
+    for words, answer in [
+        (["send"], "ERR usage: /send ID TEXT\n"),
+        (["kick"], "ERR usage: /kick ID [REASON]\n"),
+        (["list", "all"], "ERR usage: /list (no arguments)\n"),
+    ]:
+        bad = ctl(sock_path, *words)
+        assert (bad.returncode, bad.stdout, bad.stderr) == (2, "", answer), words
+
     nowhere = ctl_dir / "nothing-here.sock"
     missing = ctl(nowhere, "list")
     assert (missing.returncode, missing.stdout) == (1, "")
@@ -205,6 +215,68 @@ def test_ctl_on_a_stale_socket_file_says_no_daemon(ctl_dir: Path) -> None:
     result = ctl(path, "list")
     assert result.returncode == 1
     assert result.stderr == f"echod: no echod is listening on control socket {path}\n"
+
+
+def full_listener(path: Path) -> tuple[socket.socket, list[socket.socket]]:
+    """A Unix listener that accepts nobody, its queue filled (as a busy or stopped echod's)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)
+    queued: list[socket.socket] = []
+    for _ in range(64):  # Linux queues backlog + 1; bounded whatever the kernel does
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(str(path))
+        except BlockingIOError:  # EAGAIN: the queue is full
+            sock.close()
+            return listener, queued
+        queued.append(sock)
+    raise AssertionError("the listen queue never filled up")
+
+
+def test_ctl_waits_for_a_full_listen_queue_until_its_timeout(ctl_dir: Path) -> None:
+    path = ctl_dir / "busy.sock"
+    listener, queued = full_listener(path)
+    try:
+        started = time.monotonic()
+        result = run_echod(
+            "ctl", "--control-socket", str(path), "--timeout", "1", "list", text=True
+        )
+        assert time.monotonic() - started >= 1.0  # it waited the whole --timeout
+        assert (result.returncode, result.stdout) == (1, "")
+        assert result.stderr == (
+            f"echod: echod did not accept a connection within 1 s on control socket {path}"
+            " (it is busy or stopped)\n"
+        )
+
+        # A queue that drains while ctl waits lets it through.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "echod", "ctl", "--control-socket", str(path), "list"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        try:
+            for sock in queued:  # accept (and drop) the connections that filled the queue
+                sock.close()
+                listener.settimeout(TIMEOUT)
+                listener.accept()[0].close()
+            conn, _ = listener.accept()  # ctl's, after its retries
+            with conn:
+                conn.settimeout(TIMEOUT)
+                assert conn.recv(100) == b"/list\n"
+                conn.sendall(b"OK 0 clients\n\n")
+            out, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(TIMEOUT)
+        assert (proc.returncode, out, err) == (0, b"OK 0 clients\n", b"")
+    finally:
+        for sock in queued:
+            sock.close()
+        listener.close()
 
 
 def test_ctl_shutdown_stops_echod_and_removes_the_socket(
@@ -433,50 +505,3 @@ def test_no_console_without_a_terminal() -> None:
         assert echod.out.next() is None  # nothing was ever answered on stdout
     finally:
         echod.stop()
-
-
-def test_console_under_a_real_terminal(nc_client: Callable[..., Any]) -> None:
-    """--foreground with stdin a TTY turns the console on by itself (script gives it a pty)."""
-    command = (
-        f"{sys.executable} -m echod --foreground --port 0 --control-socket none --log-format json"
-    )
-    proc = subprocess.Popen(
-        ["script", "-qfec", command, "/dev/null"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-        env={**os.environ, "NO_COLOR": "1"},
-    )
-    assert proc.stdin and proc.stdout
-    out = Reader(proc.stdout)
-    pid = None
-    try:
-        listening = json.loads(out.wait_for(b'"listening"').strip())
-        pid = int(listening["pid"])
-        port = int(listening["port"])
-        banner = b"echod console: /help lists commands"
-        if not any(banner in line for line in out.seen):  # it may come before "listening"
-            out.wait_for(banner)
-        nc, nc_out = nc_client(port)
-        nc.stdin.write(b"x\n")
-        nc.stdin.flush()
-        assert nc_out.next() == b"x\n"
-        proc.stdin.write(b"/list\n")
-        proc.stdin.flush()
-        out.wait_for(b"OK 1 client")
-        proc.stdin.write(b"over the terminal\n")
-        proc.stdin.flush()
-        assert nc_out.next() == b"Server says: over the terminal\n"
-        proc.stdin.write(b"\x04")  # Ctrl-D: end of input on the terminal
-        proc.stdin.flush()
-        out.wait_for(b'"console_closed"')
-        assert roundtrip_once(port, b"still serving\n") == b"still serving\n"
-        os.kill(pid, signal.SIGTERM)
-        assert proc.wait(TIMEOUT) == 0
-    finally:
-        if pid is not None and proc.poll() is None:
-            os.kill(pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(TIMEOUT)

@@ -1,0 +1,289 @@
+"""Both operator consoles at a terminal, typed at as a person would.
+
+The installed ``echod`` command runs on a pseudo-terminal of its own (the
+stdlib ``pty``), which is its controlling terminal, as in a shell: the stdin
+console of ``echod --foreground``, and ``echod console`` on a control
+socket. The test types keys, escape sequences included (Up-arrow is
+``ESC [ A``), and reads the screen with deadlines.
+
+Readiness: readline takes the terminal out of canonical mode while it waits
+for a line and puts it back after each one. Keys typed in between are
+cooked by the kernel instead (Ctrl-D there is lost, as it would be for any
+readline program), so before each line the test waits until the terminal
+is in readline's mode. The pty master reports the terminal's modes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TIMEOUT, Client, EchodProcess, roundtrip_once, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+ECHOD = Path(sys.executable).parent / "echod"  # the console script pip installed
+UP = b"\x1b[A"
+LEFT = b"\x1b[D"
+# Become the session's controlling terminal's owner, as a shell's child is, then run argv.
+CONTROLLING_TTY = (
+    "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+if not ECHOD.exists():
+    pytest.skip(f"the echod command is not installed at {ECHOD}", allow_module_level=True)
+
+
+class Terminal:
+    """A command on a pseudo-terminal; ``screen`` is everything it has printed."""
+
+    def __init__(self, *args: str) -> None:
+        master, slave = pty.openpty()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CONTROLLING_TTY, str(ECHOD), *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+            env={**os.environ, "TERM": "xterm", "NO_COLOR": "1"},
+        )
+        os.close(slave)
+        self.master = master
+        self.screen = b""
+        self._seen = 0  # expect() searches from here
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def _read(self, until: float) -> bool:
+        """Read what is there before ``until``; False at end of output."""
+        ready, _, _ = select.select([self.master], [], [], max(0.0, until - time.monotonic()))
+        if ready:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:  # EIO: the last process on the terminal closed it
+                data = b""
+            if not data:
+                return False
+            self.screen += data
+        return True
+
+    def expect(self, pattern: bytes, timeout: float = TIMEOUT) -> bytes:
+        """Wait for ``pattern`` after what earlier calls matched; the line it is on."""
+        deadline = time.monotonic() + timeout
+        while (at := self.screen.find(pattern, self._seen)) < 0:
+            if time.monotonic() >= deadline or not self._read(deadline):
+                raise AssertionError(
+                    f"no {pattern!r} on the screen within {timeout}s; "
+                    f"after it so far: {self.screen[self._seen :][-2000:]!r}"
+                )
+        start = self.screen.rfind(b"\n", 0, at) + 1
+        end = self.screen.find(b"\n", at)
+        self._seen = at + len(pattern)
+        return self.screen[start : end if end >= 0 else len(self.screen)]
+
+    def lflag(self) -> int:
+        return int(termios.tcgetattr(self.master)[3])
+
+    def wait_for_line_editing(self) -> None:
+        """Until readline has the terminal (not canonical, no kernel echo)."""
+
+        def editing() -> bool:
+            self._read(time.monotonic() + 0.05)  # keep the output flowing
+            return not self.lflag() & (termios.ICANON | termios.ECHO)
+
+        wait_for(editing, what="readline to take the terminal (line editing)")
+
+    def wait(self, timeout: float = TIMEOUT) -> int:
+        deadline = time.monotonic() + timeout
+        while self._read(deadline) and time.monotonic() < deadline:
+            pass  # drain the screen, or the child may block writing to it
+        return self.proc.wait(max(0.1, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(TIMEOUT)
+        os.close(self.master)
+
+
+@pytest.fixture
+def terminal() -> Iterator[Callable[..., Terminal]]:
+    opened: list[Terminal] = []
+
+    def open_terminal(*args: str) -> Terminal:
+        opened.append(Terminal(*args))
+        return opened[-1]
+
+    yield open_terminal
+    for term in opened:
+        term.close()
+
+
+def foreground_echod(terminal: Callable[..., Terminal]) -> tuple[Terminal, int]:
+    """``echod --foreground`` at a terminal (so with its console), and its port."""
+    term = terminal(
+        "--foreground", "--port", "0", "--control-socket", "none", "--log-format", "json"
+    )
+    line = term.expect(b'"event": "listening"')
+    port = int(json.loads(line.strip())["port"])
+    term.wait_for_line_editing()
+    assert b"echod console: /help lists commands" in term.screen  # before reading anything
+    return term, port
+
+
+def assert_next_push(client: Client, term: Terminal, marker: bytes) -> None:
+    """Nothing reached ``client`` before ``marker``, broadcast now."""
+    term.type(b"/broadcast " + marker + b"\r")
+    assert client.readline() == b"Server says: " + marker + b"\n"
+
+
+# -- the stdin console of echod --foreground ------------------------------------------
+
+
+def test_stdin_console_up_arrow_recalls_the_last_command(
+    terminal: Callable[..., Terminal],
+) -> None:
+    term, port = foreground_echod(terminal)
+    client = Client(port)
+    try:
+        assert client.roundtrip(b"hi\n") == b"hi\n"
+        term.type(b"/list\r")
+        term.expect(b"OK 1 client")
+        term.wait_for_line_editing()
+        term.type(UP + b"\r")  # the same command again, not the text ESC [ A
+        term.expect(b"OK 1 client")
+        term.wait_for_line_editing()
+        term.type(b"/lst" + LEFT + LEFT + b"i\r")  # edited in place into /list
+        term.expect(b"OK 1 client")
+        term.wait_for_line_editing()
+        assert_next_push(client, term, b"after the arrows")
+    finally:
+        client.close()
+
+
+def test_stdin_console_answers_a_bare_command_word(terminal: Callable[..., Terminal]) -> None:
+    term, port = foreground_echod(terminal)
+    client = Client(port)
+    try:
+        assert client.roundtrip(b"hi\n") == b"hi\n"
+        term.type(b"list\r")
+        term.expect(b"ERR did you mean /list? (/broadcast list sends it as text)")
+        term.wait_for_line_editing()
+        term.type(b"kick 1\r")
+        term.expect(b"ERR did you mean /kick? (/broadcast kick sends it as text)")
+        term.wait_for_line_editing()
+        assert_next_push(client, term, b"nothing before this")
+    finally:
+        client.close()
+
+
+def test_stdin_console_ctrl_d_ends_the_console_not_echod(
+    terminal: Callable[..., Terminal],
+) -> None:
+    term, port = foreground_echod(terminal)
+    client = Client(port)
+    try:
+        assert client.roundtrip(b"x\n") == b"x\n"
+        term.type(b"over the terminal\r")
+        assert client.readline() == b"Server says: over the terminal\n"
+        term.wait_for_line_editing()
+        term.type(b"\x04")  # Ctrl-D: end of input on the terminal
+        term.expect(b'"console_closed"')
+        assert roundtrip_once(port, b"still serving\n") == b"still serving\n"
+        assert term.proc.poll() is None
+    finally:
+        client.close()
+    os.kill(term.proc.pid, signal.SIGTERM)
+    assert term.wait() == 0
+
+
+def test_ctrl_c_stops_echod_and_gives_the_terminal_back(
+    terminal: Callable[..., Terminal],
+) -> None:
+    term, _ = foreground_echod(terminal)
+    term.type(b"\x03")  # Ctrl-C: SIGINT to the foreground process group
+    term.expect(b'"event": "stopped"')
+    assert term.wait() == 0
+    # readline had the terminal in its own mode when echod stopped; it is cooked again.
+    lflag = term.lflag()
+    assert lflag & termios.ICANON and lflag & termios.ECHO
+
+
+# -- echod console on the control socket ------------------------------------------------
+
+
+@pytest.fixture
+def sock_path(ctl_dir: Path) -> Path:
+    return ctl_dir / "run" / "control.sock"
+
+
+@pytest.fixture
+def daemon(spawn_echod: Callable[..., EchodProcess], sock_path: Path) -> EchodProcess:
+    return spawn_echod("--control-socket", str(sock_path))
+
+
+def echod_console(terminal: Callable[..., Terminal], sock_path: Path) -> Terminal:
+    term = terminal("console", "--control-socket", str(sock_path))
+    term.expect(b"echod> ")
+    term.wait_for_line_editing()
+    return term
+
+
+def test_echod_console_ignores_a_blank_line(
+    terminal: Callable[..., Terminal], daemon: EchodProcess, sock_path: Path
+) -> None:
+    term = echod_console(terminal, sock_path)
+    term.type(b"\r")  # Enter on an empty line: no command, and the session goes on
+    term.expect(b"echod> ")
+    term.wait_for_line_editing()
+    term.type(b"   \r")
+    term.expect(b"echod> ")
+    term.wait_for_line_editing()
+    term.type(b"/list\r")
+    term.expect(b"OK 0 clients")
+    assert term.proc.poll() is None
+    term.expect(b"echod> ")
+    term.wait_for_line_editing()
+    term.type(b"\x04")  # only Ctrl-D ends it
+    assert term.wait() == 0
+
+
+def test_echod_console_up_arrow_and_bare_words(
+    terminal: Callable[..., Terminal], daemon: EchodProcess, sock_path: Path
+) -> None:
+    client = Client(daemon.port)
+    try:
+        assert client.roundtrip(b"hi\n") == b"hi\n"
+        term = echod_console(terminal, sock_path)
+        term.type(b"/list\r")
+        term.expect(b"OK 1 client")
+        term.expect(b"echod> ")
+        term.wait_for_line_editing()
+        term.type(UP + b"\r")
+        term.expect(b"OK 1 client")
+        term.expect(b"echod> ")
+        term.wait_for_line_editing()
+        term.type(b"stats\r")
+        term.expect(b"ERR did you mean /stats? (/broadcast stats sends it as text)")
+        term.expect(b"echod> ")
+        term.wait_for_line_editing()
+        term.type(b"send 1 hi\r")
+        term.expect(b"ERR did you mean /send? (/broadcast send sends it as text)")
+        term.expect(b"echod> ")
+        term.wait_for_line_editing()
+        assert_next_push(client, term, b"only this")
+    finally:
+        client.close()
