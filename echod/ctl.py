@@ -165,7 +165,7 @@ def _add_socket_option(parser: argparse.ArgumentParser) -> None:
         type=_timeout,
         default=CLIENT_TIMEOUT,
         metavar="SECONDS",
-        help="how long to wait for an answer (default: %(default)s)",
+        help="how long to wait for echod to accept, then for each answer (default: %(default)s)",
     )
 
 
