@@ -132,8 +132,9 @@ def terminal() -> Iterator[Callable[..., Terminal]]:
         term.close()
 
 
-def foreground_echod(terminal: Callable[..., Terminal]) -> tuple[Terminal, int]:
-    """``echod --foreground`` at a terminal (so with its console), and its port."""
+@pytest.fixture
+def foreground(terminal: Callable[..., Terminal]) -> Iterator[tuple[Terminal, int, Client]]:
+    """``echod --foreground`` at a terminal (so with its console), its port, a client."""
     term = terminal(
         "--foreground", "--port", "0", "--control-socket", "none", "--log-format", "json"
     )
@@ -141,7 +142,12 @@ def foreground_echod(terminal: Callable[..., Terminal]) -> tuple[Terminal, int]:
     port = int(json.loads(line.strip())["port"])
     term.wait_for_line_editing()
     assert b"echod console: /help lists commands" in term.screen  # before reading anything
-    return term, port
+    client = Client(port)
+    try:
+        assert client.roundtrip(b"hi\n") == b"hi\n"  # connected and served
+        yield term, port, client
+    finally:
+        client.close()
 
 
 def assert_next_push(client: Client, term: Terminal, marker: bytes) -> None:
@@ -154,66 +160,53 @@ def assert_next_push(client: Client, term: Terminal, marker: bytes) -> None:
 
 
 def test_stdin_console_up_arrow_recalls_the_last_command(
-    terminal: Callable[..., Terminal],
+    foreground: tuple[Terminal, int, Client],
 ) -> None:
-    term, port = foreground_echod(terminal)
-    client = Client(port)
-    try:
-        assert client.roundtrip(b"hi\n") == b"hi\n"
-        term.type(b"/list\r")
-        term.expect(b"OK 1 client")
-        term.wait_for_line_editing()
-        term.type(UP + b"\r")  # the same command again, not the text ESC [ A
-        term.expect(b"OK 1 client")
-        term.wait_for_line_editing()
-        term.type(b"/lst" + LEFT + LEFT + b"i\r")  # edited in place into /list
-        term.expect(b"OK 1 client")
-        term.wait_for_line_editing()
-        assert_next_push(client, term, b"after the arrows")
-    finally:
-        client.close()
+    term, _, client = foreground
+    term.type(b"/list\r")
+    term.expect(b"OK 1 client")
+    term.wait_for_line_editing()
+    term.type(UP + b"\r")  # the same command again, not the text ESC [ A
+    term.expect(b"OK 1 client")
+    term.wait_for_line_editing()
+    term.type(b"/lst" + LEFT + LEFT + b"i\r")  # edited in place into /list
+    term.expect(b"OK 1 client")
+    term.wait_for_line_editing()
+    assert_next_push(client, term, b"after the arrows")
 
 
-def test_stdin_console_answers_a_bare_command_word(terminal: Callable[..., Terminal]) -> None:
-    term, port = foreground_echod(terminal)
-    client = Client(port)
-    try:
-        assert client.roundtrip(b"hi\n") == b"hi\n"
-        term.type(b"list\r")
-        term.expect(b"ERR did you mean /list? (/broadcast list sends it as text)")
-        term.wait_for_line_editing()
-        term.type(b"kick 1\r")
-        term.expect(b"ERR did you mean /kick? (/broadcast kick sends it as text)")
-        term.wait_for_line_editing()
-        assert_next_push(client, term, b"nothing before this")
-    finally:
-        client.close()
+def test_stdin_console_answers_a_bare_command_word(
+    foreground: tuple[Terminal, int, Client],
+) -> None:
+    term, _, client = foreground
+    term.type(b"list\r")
+    term.expect(b"ERR did you mean /list? (/broadcast list sends it as text)")
+    term.wait_for_line_editing()
+    term.type(b"kick 1\r")
+    term.expect(b"ERR did you mean /kick? (/broadcast kick sends it as text)")
+    term.wait_for_line_editing()
+    assert_next_push(client, term, b"nothing before this")
 
 
 def test_stdin_console_ctrl_d_ends_the_console_not_echod(
-    terminal: Callable[..., Terminal],
+    foreground: tuple[Terminal, int, Client],
 ) -> None:
-    term, port = foreground_echod(terminal)
-    client = Client(port)
-    try:
-        assert client.roundtrip(b"x\n") == b"x\n"
-        term.type(b"over the terminal\r")
-        assert client.readline() == b"Server says: over the terminal\n"
-        term.wait_for_line_editing()
-        term.type(b"\x04")  # Ctrl-D: end of input on the terminal
-        term.expect(b'"console_closed"')
-        assert roundtrip_once(port, b"still serving\n") == b"still serving\n"
-        assert term.proc.poll() is None
-    finally:
-        client.close()
+    term, port, client = foreground
+    term.type(b"over the terminal\r")
+    assert client.readline() == b"Server says: over the terminal\n"
+    term.wait_for_line_editing()
+    term.type(b"\x04")  # Ctrl-D: end of input on the terminal
+    term.expect(b'"console_closed"')
+    assert roundtrip_once(port, b"still serving\n") == b"still serving\n"
+    assert term.proc.poll() is None
     os.kill(term.proc.pid, signal.SIGTERM)
     assert term.wait() == 0
 
 
 def test_ctrl_c_stops_echod_and_gives_the_terminal_back(
-    terminal: Callable[..., Terminal],
+    foreground: tuple[Terminal, int, Client],
 ) -> None:
-    term, _ = foreground_echod(terminal)
+    term, _, _ = foreground
     term.type(b"\x03")  # Ctrl-C: SIGINT to the foreground process group
     term.expect(b'"event": "stopped"')
     assert term.wait() == 0
