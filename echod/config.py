@@ -19,7 +19,8 @@ be, the field name itself). An :class:`Option` also says:
 - ``kind``: a :class:`Kind`, the parser from text (for flags, later config
   files) and the check of a typed value (for :class:`Settings` built in
   code). Kinds shared with other commands are public: :func:`parse_duration`
-  and :func:`parse_path` (``echod stop --timeout``, every ``--pidfile``),
+  and :func:`parse_path` (``echod stop --timeout``, every ``--pidfile``, and
+  ``echod ctl`` / ``echod console``: ``--timeout``, ``--control-socket``),
   so one mistake gets one sentence everywhere.
 - no ``kind``: a switch, a ``--flag`` without a value (``negatable`` adds
   ``--no-flag``).

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from echod.commands import ENCODING, ERRORS, USAGE, decode, encode
-from echod.config import default_control_socket
+from echod.config import default_control_socket, parse_duration, parse_path
 from echod.errors import EchodError, UsageError
 
 CLIENT_TIMEOUT = 10.0  # how long to wait for the daemon to accept, then for each answer
@@ -138,31 +138,17 @@ def _connect_failure(path: Path, err: OSError) -> str:
     return f"cannot connect to control socket {path}: {err.strerror or err}"
 
 
-def _socket_path(text: str) -> Path:
-    return Path(text).expanduser().absolute()
-
-
-def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return value
-
-
 def _add_socket_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--control-socket",
-        type=_socket_path,
+        type=parse_path,
         default=None,
         metavar="PATH",
         help=f"the daemon's control socket (default: {default_control_socket()})",
     )
     parser.add_argument(
         "--timeout",
-        type=_timeout,
+        type=parse_duration,
         default=CLIENT_TIMEOUT,
         metavar="SECONDS",
         help="how long to wait for echod to accept, then for each answer (default: %(default)s)",
