@@ -165,12 +165,13 @@ commands (the console commands without their slash):
   shutdown              stop echod gracefully
   help                  the daemon's own list
 
-Exit status: 0 on OK, 1 on ERR or when no echod answers, 2 on bad usage.
+Exit status: 0 on OK; 2 on bad usage, ours or the daemon's (ERR usage: ...);
+1 on any other ERR or when no echod answers.
 """
 
 
 def ctl_main(argv: Sequence[str]) -> int:
-    """``echod ctl COMMAND [ARGS]``: one command, its answer, OK -> 0, ERR -> 1."""
+    """``echod ctl COMMAND [ARGS]``: one command, its answer; exit as the module docstring says."""
     parser = _Parser(
         prog="echod ctl",
         usage="%(prog)s [--control-socket PATH] [--timeout SECONDS] COMMAND [ARGS...]",

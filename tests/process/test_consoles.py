@@ -57,7 +57,14 @@ class Terminal:
             stdout=slave,
             stderr=slave,
             start_new_session=True,
-            env={**os.environ, "TERM": "xterm", "NO_COLOR": "1"},
+            # PYTHONIOENCODING: Python's stdin as under a UTF-8 locale such as en_US.UTF-8,
+            # strict about bytes that are not UTF-8 (under C or C.UTF-8 it is lenient).
+            env={
+                **os.environ,
+                "TERM": "xterm",
+                "NO_COLOR": "1",
+                "PYTHONIOENCODING": "utf-8:strict",
+            },
         )
         os.close(slave)
         self.master = master
@@ -173,6 +180,16 @@ def test_stdin_console_up_arrow_recalls_the_last_command(
     term.expect(b"OK 1 client")
     term.wait_for_line_editing()
     assert_next_push(client, term, b"after the arrows")
+
+
+def test_stdin_console_passes_typed_bytes_through(
+    foreground: tuple[Terminal, int, Client],
+) -> None:
+    term, _, client = foreground
+    term.type(b"/broadcast caf\xc3\xa9 \xff\xfe\r")  # UTF-8, then bytes that are not
+    assert client.readline() == b"Server says: caf\xc3\xa9 \xff\xfe\n"
+    term.wait_for_line_editing()
+    assert_next_push(client, term, b"and the console goes on")
 
 
 def test_stdin_console_answers_a_bare_command_word(

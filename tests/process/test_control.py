@@ -315,21 +315,32 @@ def test_plain_socat_session(daemon: EchodProcess, sock_path: Path) -> None:
     assert answers[3:] == [""]  # every answer, the last included, ends with an empty line
 
 
-def test_echod_console_session_from_a_pipe(daemon: EchodProcess, sock_path: Path) -> None:
+def test_echod_console_session_from_a_pipe(
+    daemon: EchodProcess, sock_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Python's stdin as under a UTF-8 locale such as en_US.UTF-8 (which this machine may
+    # lack): strict about bytes that are not UTF-8. Under C or C.UTF-8 it is lenient.
+    monkeypatch.setenv("PYTHONIOENCODING", "utf-8:strict")
     client = Client(daemon.port)
     try:
         result = run_echod(
             "console",
             "--control-socket",
             str(sock_path),
-            stdin=b"/list\n\nhello from the console\n/send 99 x\n",
+            stdin=b"/list\n\nhello from the console\n/send 99 x\ncaf\xc3\xa9 \xff\xfe\n",
         )
         assert result.returncode == 0, result.stderr
         lines = result.stdout.decode().splitlines()
         assert lines[0] == "OK 1 client"
         assert lines[1].startswith("id=")
-        assert lines[2:] == ["OK sent to 1 client", "ERR no client 99 (see /list)"]
+        assert lines[2:] == [
+            "OK sent to 1 client",
+            "ERR no client 99 (see /list)",
+            "OK sent to 1 client",
+        ]
         assert client.readline() == b"Server says: hello from the console\n"
+        # Bytes that are not UTF-8 pass through unchanged, as over socat.
+        assert client.readline() == b"Server says: caf\xc3\xa9 \xff\xfe\n"
     finally:
         client.close()
 
