@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -60,6 +61,18 @@ os.environ["LISTEN_FDS"] = str(len(fds))
 os.environ["LISTEN_FDNAMES"] = ":".join("x%d" % i for i in range(len(fds)))
 os.execv(sys.argv[3], sys.argv[3:])
 """
+
+
+def installed_echod() -> str | None:
+    """The ``echod`` console script of the environment running the tests, else PATH's.
+
+    A venv's ``bin/`` is not on PATH under ``.venv/bin/python -m pytest``, but
+    pip put the script next to that interpreter. None means really absent.
+    """
+    beside = Path(sys.executable).parent / "echod"
+    if os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("echod")
 
 
 def has_ipv6_loopback() -> bool:

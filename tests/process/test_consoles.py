@@ -29,11 +29,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TIMEOUT, Client, EchodProcess, roundtrip_once, wait_for
+from tests.helpers import (
+    TIMEOUT,
+    Client,
+    EchodProcess,
+    installed_echod,
+    roundtrip_once,
+    wait_for,
+)
 
-pytestmark = pytest.mark.timeout(120)
-
-ECHOD = Path(sys.executable).parent / "echod"  # the console script pip installed
+ECHOD = installed_echod()  # the console script pip installed, what a user runs
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(
+        ECHOD is None, reason="the echod console script is not installed (pip install -e .)"
+    ),
+]
 UP = b"\x1b[A"
 LEFT = b"\x1b[D"
 # Become the session's controlling terminal's owner, as a shell's child is, then run argv.
@@ -42,17 +53,15 @@ CONTROLLING_TTY = (
     "os.execv(sys.argv[1], sys.argv[1:])"
 )
 
-if not ECHOD.exists():
-    pytest.skip(f"the echod command is not installed at {ECHOD}", allow_module_level=True)
-
 
 class Terminal:
     """A command on a pseudo-terminal; ``screen`` is everything it has printed."""
 
     def __init__(self, *args: str) -> None:
+        assert ECHOD is not None
         master, slave = pty.openpty()
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", CONTROLLING_TTY, str(ECHOD), *args],
+            [sys.executable, "-c", CONTROLLING_TTY, ECHOD, *args],
             stdin=slave,
             stdout=slave,
             stderr=slave,

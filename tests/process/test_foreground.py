@@ -26,21 +26,16 @@ from typing import Any
 import pytest
 
 from echod import __version__
-from tests.helpers import ROOT, TIMEOUT, EchodProcess, LineReader, has_ipv6_loopback
+from tests.helpers import (
+    ROOT,
+    TIMEOUT,
+    EchodProcess,
+    LineReader,
+    has_ipv6_loopback,
+    installed_echod,
+)
 
 Spawn = Callable[..., EchodProcess]
-
-
-def installed_echod() -> str | None:
-    """The ``echod`` console script of the environment running the tests, else PATH's.
-
-    A venv's ``bin/`` is not on PATH under ``.venv/bin/python -m pytest``, but
-    pip put the script next to that interpreter. None means really absent.
-    """
-    beside = Path(sys.executable).parent / "echod"
-    if os.access(beside, os.X_OK):
-        return str(beside)
-    return shutil.which("echod")
 
 
 NC = shutil.which("nc")
