@@ -78,6 +78,7 @@ class Terminal:
         os.close(slave)
         self.master = master
         self.screen = b""
+        self.prompt = b""  # what the program prints when it wants a line
         self._seen = 0  # expect() searches from here
 
     def type(self, keys: bytes) -> None:
@@ -121,6 +122,18 @@ class Terminal:
             return not self.lflag() & (termios.ICANON | termios.ECHO)
 
         wait_for(editing, what="readline to take the terminal (line editing)")
+
+    def ready(self) -> None:
+        """Until the program waits for the next line: its prompt, if any, and readline."""
+        if self.prompt:
+            self.expect(self.prompt)
+        self.wait_for_line_editing()
+
+    def enter(self, keys: bytes, answer: bytes) -> None:
+        """Type ``keys`` and Enter, see ``answer``, wait until ready for the next line."""
+        self.type(keys + b"\r")
+        self.expect(answer)
+        self.ready()
 
     def wait(self, timeout: float = TIMEOUT) -> int:
         deadline = time.monotonic() + timeout
@@ -179,15 +192,9 @@ def test_stdin_console_up_arrow_recalls_the_last_command(
     foreground: tuple[Terminal, int, Client],
 ) -> None:
     term, _, client = foreground
-    term.type(b"/list\r")
-    term.expect(b"OK 1 client")
-    term.wait_for_line_editing()
-    term.type(UP + b"\r")  # the same command again, not the text ESC [ A
-    term.expect(b"OK 1 client")
-    term.wait_for_line_editing()
-    term.type(b"/lst" + LEFT + LEFT + b"i\r")  # edited in place into /list
-    term.expect(b"OK 1 client")
-    term.wait_for_line_editing()
+    term.enter(b"/list", b"OK 1 client")
+    term.enter(UP, b"OK 1 client")  # the same command again, not the text ESC [ A
+    term.enter(b"/lst" + LEFT + LEFT + b"i", b"OK 1 client")  # edited in place into /list
     assert_next_push(client, term, b"after the arrows")
 
 
@@ -205,12 +212,8 @@ def test_stdin_console_answers_a_bare_command_word(
     foreground: tuple[Terminal, int, Client],
 ) -> None:
     term, _, client = foreground
-    term.type(b"list\r")
-    term.expect(b"ERR did you mean /list? (/broadcast list sends it as text)")
-    term.wait_for_line_editing()
-    term.type(b"kick 1\r")
-    term.expect(b"ERR did you mean /kick? (/broadcast kick sends it as text)")
-    term.wait_for_line_editing()
+    term.enter(b"list", b"ERR did you mean /list? (/broadcast list sends it as text)")
+    term.enter(b"kick 1", b"ERR did you mean /kick? (/broadcast kick sends it as text)")
     assert_next_push(client, term, b"nothing before this")
 
 
@@ -256,8 +259,8 @@ def daemon(spawn_echod: Callable[..., EchodProcess], sock_path: Path) -> EchodPr
 
 def echod_console(terminal: Callable[..., Terminal], sock_path: Path) -> Terminal:
     term = terminal("console", "--control-socket", str(sock_path))
-    term.expect(b"echod> ")
-    term.wait_for_line_editing()
+    term.prompt = b"echod> "
+    term.ready()
     return term
 
 
@@ -266,16 +269,11 @@ def test_echod_console_ignores_a_blank_line(
 ) -> None:
     term = echod_console(terminal, sock_path)
     term.type(b"\r")  # Enter on an empty line: no command, and the session goes on
-    term.expect(b"echod> ")
-    term.wait_for_line_editing()
+    term.ready()
     term.type(b"   \r")
-    term.expect(b"echod> ")
-    term.wait_for_line_editing()
-    term.type(b"/list\r")
-    term.expect(b"OK 0 clients")
+    term.ready()
+    term.enter(b"/list", b"OK 0 clients")
     assert term.proc.poll() is None
-    term.expect(b"echod> ")
-    term.wait_for_line_editing()
     term.type(b"\x04")  # only Ctrl-D ends it
     assert term.wait() == 0
 
@@ -287,22 +285,10 @@ def test_echod_console_up_arrow_and_bare_words(
     try:
         assert client.roundtrip(b"hi\n") == b"hi\n"
         term = echod_console(terminal, sock_path)
-        term.type(b"/list\r")
-        term.expect(b"OK 1 client")
-        term.expect(b"echod> ")
-        term.wait_for_line_editing()
-        term.type(UP + b"\r")
-        term.expect(b"OK 1 client")
-        term.expect(b"echod> ")
-        term.wait_for_line_editing()
-        term.type(b"stats\r")
-        term.expect(b"ERR did you mean /stats? (/broadcast stats sends it as text)")
-        term.expect(b"echod> ")
-        term.wait_for_line_editing()
-        term.type(b"send 1 hi\r")
-        term.expect(b"ERR did you mean /send? (/broadcast send sends it as text)")
-        term.expect(b"echod> ")
-        term.wait_for_line_editing()
+        term.enter(b"/list", b"OK 1 client")
+        term.enter(UP, b"OK 1 client")  # the same command again, not the text ESC [ A
+        term.enter(b"stats", b"ERR did you mean /stats? (/broadcast stats sends it as text)")
+        term.enter(b"send 1 hi", b"ERR did you mean /send? (/broadcast send sends it as text)")
         assert_next_push(client, term, b"only this")
     finally:
         client.close()
