@@ -4,6 +4,13 @@ One event is one line: colourful key=value output when writing to a TTY,
 JSON lines otherwise (or as ``--log-format`` says). Exceptions are rendered
 as structured data, never as multi-line tracebacks. A detached daemon logs to
 a :class:`LogFile`, which SIGHUP reopens so logrotate can move it away.
+
+When stderr is the journal (systemd sets ``$JOURNAL_STREAM`` to the device
+and inode of the stream it connected, sd-daemon(3)), every line starts with
+its syslog priority, ``<3>`` to ``<7>``; journald strips the prefix and
+stores the line at that priority, so ``journalctl -p warning`` finds
+echod's warnings. Both formats get it; nothing else does (a terminal or a
+log file would show it verbatim).
 """
 
 from __future__ import annotations
@@ -20,6 +27,10 @@ import structlog
 from echod.errors import StartupError
 
 Logger = structlog.typing.FilteringBoundLogger
+
+# sd-daemon(3) priority prefixes by structlog level name (syslog numbering).
+PRIORITIES = {"critical": 2, "error": 3, "exception": 3, "warning": 4, "info": 6, "debug": 7}
+ERROR_PRIORITY = PRIORITIES["error"]
 
 
 class LogFile:
@@ -89,6 +100,29 @@ def _exception_summary(
     return event
 
 
+def is_journal(stream: Any) -> bool:
+    """True if ``stream`` is the one systemd connected to the journal (``$JOURNAL_STREAM``)."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(stream.fileno())
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (AttributeError, OSError, ValueError):
+        return False  # no descriptor (a StringIO), closed, or no/garbled variable
+
+
+def journal_prefix(priority: int, stream: Any = None) -> str:
+    """``"<N>"`` if ``stream`` (default stderr) is the journal, else ``""``."""
+    return f"<{priority}>" if is_journal(sys.stderr if stream is None else stream) else ""
+
+
+def _with_priority(renderer: structlog.typing.Processor) -> structlog.typing.Processor:
+    def render(logger: Any, name: str, event: structlog.typing.EventDict) -> str:
+        priority = PRIORITIES.get(event.get("level", name), PRIORITIES["info"])
+        return f"<{priority}>{renderer(logger, name, event)}"
+
+    return render
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     """Route every echod event to ``stream`` (default stderr) as ``fmt`` says."""
     stream = sys.stderr if stream is None else stream
@@ -110,7 +144,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
     ]
     # JSON: the traceback as data on the one line; console: a one-line summary.
     processors.append(structlog.processors.dict_tracebacks if not console else _exception_summary)
-    processors.append(renderer)
+    processors.append(_with_priority(renderer) if is_journal(stream) else renderer)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(
