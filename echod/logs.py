@@ -118,7 +118,9 @@ def journal_prefix(priority: int, stream: Any = None) -> str:
 def _with_priority(renderer: structlog.typing.Processor) -> structlog.typing.Processor:
     def render(logger: Any, name: str, event: structlog.typing.EventDict) -> str:
         priority = PRIORITIES.get(event.get("level", name), PRIORITIES["info"])
-        return f"<{priority}>{renderer(logger, name, event)}"
+        line = renderer(logger, name, event)
+        assert isinstance(line, str)  # both renderers make text
+        return f"<{priority}>{line}"
 
     return render
 
