@@ -42,6 +42,7 @@ from typing import Any
 
 import pytest
 
+from echod.config import Settings
 from tests.helpers import ACTIVATE_WRAPPER, LineReader
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -174,6 +175,12 @@ def test_service_unit_requirements() -> None:
     )
     assert _unit_value(text, "EnvironmentFile") == "-/etc/default/echod"
     assert _unit_value(text, "Restart") == "on-failure"
+    # Bad flags (exit 2) fail at once; other failures hit the start limit
+    # before its interval is over, so the unit ends `failed`.
+    assert _unit_value(text, "RestartPreventExitStatus") == "2"
+    burst = int(_unit_value(text, "StartLimitBurst"))
+    restart_sec = int(_unit_value(text, "RestartSec").rstrip("s"))
+    assert 1 < burst * restart_sec < int(_unit_value(text, "StartLimitIntervalSec").rstrip("s"))
     assert _unit_value(text, "RuntimeDirectory") == "echod"
     assert _unit_value(text, "DynamicUser") == "yes"
     assert _unit_value(text, "CapabilityBoundingSet") == ""
@@ -185,6 +192,7 @@ def test_service_unit_requirements() -> None:
     assert sorted(families) == ["AF_INET", "AF_INET6", "AF_UNIX"]
     socket_text = SOCKET.read_text()
     assert _unit_value(socket_text, "Accept") == "no"
+    assert int(_unit_value(socket_text, "Backlog")) == Settings().backlog
     assert _unit_value(socket_text, "ListenStream").rsplit(":", 1)[-1] == "7878"
 
 
