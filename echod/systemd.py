@@ -15,16 +15,32 @@ fd 3 (``SD_LISTEN_FDS_START``), announced by ``$LISTEN_FDS`` (how many),
 ``$LISTEN_PID`` (the pid they are meant for) and optionally
 ``$LISTEN_FDNAMES``.
 
-Both functions are pure stdlib, never raise on protocol problems and are safe
-to call from several threads.
+*Watchdog* (sd_watchdog_enabled(3)): with ``WatchdogSec=``, systemd passes
+``$WATCHDOG_USEC`` (and ``$WATCHDOG_PID``) and kills the service unless it
+sends ``WATCHDOG=1`` within that interval. :class:`Watchdog` sends it at
+half the interval, but only while every part it is told to watch has moved
+since the last ping: a plain timer thread would keep a wedged server alive.
+
+All of it is pure stdlib, never raises on protocol problems, and
+:func:`notify` and :func:`listen_sockets` are safe to call from several
+threads.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
+from collections.abc import Callable, Mapping
 
-__all__ = ["SD_LISTEN_FDS_START", "listen_sockets", "notify", "notifying"]
+__all__ = [
+    "SD_LISTEN_FDS_START",
+    "Watchdog",
+    "listen_sockets",
+    "notify",
+    "notifying",
+    "watchdog_interval",
+]
 
 #: First file descriptor number used for socket activation.
 SD_LISTEN_FDS_START = 3
@@ -133,3 +149,59 @@ def listen_sockets() -> list[socket.socket]:
             continue
         sockets.append(sock)
     return sockets
+
+
+def watchdog_interval() -> float | None:
+    """``WatchdogSec=`` in seconds if systemd expects ``WATCHDOG=1`` from us, else ``None``.
+
+    As sd_watchdog_enabled(3): ``$WATCHDOG_USEC`` is the interval in
+    microseconds, meant for ``$WATCHDOG_PID`` if that is set. Malformed or
+    non-positive values mean no watchdog.
+    """
+    try:
+        usec = int(os.environ["WATCHDOG_USEC"])
+        pid = os.environ.get("WATCHDOG_PID")
+        if pid is not None and int(pid) != os.getpid():
+            return None
+    except (KeyError, ValueError):
+        return None
+    return usec / 1e6 if usec > 0 else None
+
+
+class Watchdog:
+    """Send ``WATCHDOG=1`` every half ``interval`` while every watched part moves.
+
+    ``progress()`` maps each part that must keep going to a counter it
+    advances as it goes round (echod: the accept loop and the janitor).
+    :meth:`check`, called from the main loop, pings when half the interval
+    has passed since the last check *and* every counter changed since the
+    last ping; otherwise it withholds the ping and names the parts that
+    stood still in :attr:`stalled`. Withheld until ``interval`` is over,
+    systemd kills and restarts the service. Half the interval leaves a whole
+    half for a late check, as sd_watchdog_enabled(3) advises.
+    """
+
+    def __init__(
+        self,
+        interval: float,
+        progress: Callable[[], Mapping[str, int]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.every = interval / 2
+        self._progress = progress
+        self._clock = clock
+        self._last = dict(progress())
+        self._due = clock() + self.every
+        self.stalled: list[str] = []  # parts that had not moved at the last check
+
+    def check(self) -> float:
+        """Ping if it is due and everything moved; seconds until the next check."""
+        now = self._clock()
+        if now >= self._due:
+            current = dict(self._progress())
+            self.stalled = [part for part, n in current.items() if self._last.get(part) == n]
+            if not self.stalled:
+                notify("WATCHDOG=1")
+                self._last = current
+            self._due = now + self.every
+        return self._due - now

@@ -339,3 +339,66 @@ def test_listen_sockets_malformed_env_in_process(
     assert systemd.listen_sockets() == []
     for name in CLEARED:
         assert name not in os.environ
+
+
+# ------------------------------------------------------------------- watchdog
+
+
+@pytest.mark.parametrize(
+    ("usec", "pid", "expected"),
+    [
+        (None, None, None),
+        ("2000000", None, 2.0),
+        ("2000000", "self", 2.0),
+        ("2000000", "1", None),  # meant for another process
+        ("0", None, None),
+        ("-5", None, None),
+        ("soon", None, None),
+        ("2000000", "me", None),
+    ],
+)
+def test_watchdog_interval(
+    monkeypatch: pytest.MonkeyPatch, usec: str | None, pid: str | None, expected: float | None
+) -> None:
+    for name, value in (("WATCHDOG_USEC", usec), ("WATCHDOG_PID", pid)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, str(os.getpid()) if value == "self" else value)
+    assert systemd.watchdog_interval() == expected
+
+
+def test_watchdog_pings_only_while_every_part_moves(
+    clean_env: pytest.MonkeyPatch, path_receiver: tuple[socket.socket, str]
+) -> None:
+    sock, path = path_receiver
+    clean_env.setenv("NOTIFY_SOCKET", path)
+    now = [100.0]
+    counters = {"accept_loop": 0, "janitor": 0}
+    dog = systemd.Watchdog(4.0, lambda: counters, clock=lambda: now[0])
+
+    assert dog.check() == 2.0  # half the interval
+    counters["accept_loop"] += 1
+    counters["janitor"] += 1
+    now[0] += 1.0
+    assert dog.check() == 1.0  # not due yet, nothing sent
+    _assert_nothing_queued(sock)
+    now[0] += 1.0
+    assert dog.check() == 2.0
+    sock.settimeout(RECV_TIMEOUT)
+    assert sock.recv(4096) == b"WATCHDOG=1"
+    assert dog.stalled == []
+
+    # The janitor is wedged, the accept loop is not: no ping, and it says who.
+    counters["accept_loop"] += 5
+    now[0] += 2.0
+    dog.check()
+    assert dog.stalled == ["janitor"]
+    _assert_nothing_queued(sock)
+    # Both move again: compared with the last ping, so it pings at once.
+    counters["janitor"] += 1
+    now[0] += 2.0
+    dog.check()
+    sock.settimeout(RECV_TIMEOUT)
+    assert sock.recv(4096) == b"WATCHDOG=1"
+    assert dog.stalled == []
