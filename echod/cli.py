@@ -82,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             sys.stdout.flush()  # a closed pipe fails here, inside the handlers below
     except EchodError as err:
-        print(f"echod: {err}", file=sys.stderr)
+        # Under systemd the sentence reaches the journal as an error (journalctl -p err).
+        print(f"{logs.journal_prefix(logs.ERROR_PRIORITY)}echod: {err}", file=sys.stderr)
         return err.exit_status
     except KeyboardInterrupt:
         return 130

@@ -14,7 +14,7 @@ from typing import TextIO
 
 import pytest
 
-from echod import logs
+from echod import cli, logs
 
 LEVELS = [("debug", 7), ("info", 6), ("warning", 4), ("error", 3), ("critical", 2)]
 
@@ -85,3 +85,18 @@ def test_other_stream_than_the_journal_gets_no_prefix(
             assert line.startswith("{"), line
         assert logs.journal_prefix(logs.ERROR_PRIORITY, journal) == "<3>"
         assert logs.journal_prefix(logs.ERROR_PRIORITY, stream) == ""
+
+
+def test_the_clis_error_sentence_is_an_error_in_the_journal(
+    stream: TextIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bad flags under systemd: the one sentence is found by journalctl -p err."""
+    monkeypatch.setattr("sys.stderr", stream)
+    monkeypatch.setenv("JOURNAL_STREAM", _journal_stream(stream))
+    assert cli.main(["--no-such-flag"]) == 2
+    monkeypatch.delenv("JOURNAL_STREAM")
+    assert cli.main(["--no-such-flag"]) == 2
+    stream.seek(0)
+    first, second = stream.read().splitlines()
+    assert first.startswith("<3>echod: ") and "--no-such-flag" in first
+    assert second.startswith("echod: ")
