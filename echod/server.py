@@ -33,6 +33,12 @@ be accepted and told ``ERR server out of resources``. Threads get
 (:data:`SWITCH_INTERVAL`), so thousands of clients fit in modest memory and
 CPU; docs/limits.md has the figures.
 
+A listening socket passed in (socket activation) is served as it is, except
+that echod calls ``listen()`` on it again with ``--backlog``: the queue
+length is echod's setting, whatever the passer chose. The accept loop and
+the janitor count their rounds (:meth:`EchoServer.progress`), so that the
+systemd watchdog is fed only while both go round.
+
 Extension points: :attr:`EchoServer.RequestHandlerClass`,
 :meth:`EchoHandler.setup` (the pre-serve step: anything a connection must go
 through before it is served), :meth:`EchoHandler.on_lines` (chat relay),
@@ -279,12 +285,21 @@ class EchoServer(socketserver.TCPServer):
         self._reserve_fd: int | None = None
         self._reject_burst = 0
         self._last_reject = 0.0
+        # Rounds of the accept loop and of the janitor, for the systemd watchdog.
+        self._accept_rounds = self._janitor_rounds = 0
         if listener is not None:
             self.address_family = listener.family
             super().__init__(listener.getsockname()[:2], handler, bind_and_activate=False)
             self.socket.close()
             self.socket = listener
             self.server_address = listener.getsockname()
+            try:  # the queue length is ours to say (--backlog), not the passer's
+                listener.listen(settings.backlog)
+            except OSError as err:
+                self.server_close()
+                raise StartupError(
+                    f"cannot listen on the socket passed by systemd: {err.strerror or err}"
+                ) from None
         else:
             family, address = resolve(settings.host, settings.port)
             self.address_family = family
@@ -313,6 +328,14 @@ class EchoServer(socketserver.TCPServer):
     def serve_forever(self, poll_interval: float = ACCEPT_POLL) -> None:
         self._start_janitor()
         super().serve_forever(poll_interval)
+
+    def service_actions(self) -> None:
+        """Called by serve_forever once per round (at least every ``ACCEPT_POLL``)."""
+        self._accept_rounds += 1
+
+    def progress(self) -> dict[str, int]:
+        """Counters that grow while the accept loop and the janitor go round."""
+        return {"accept_loop": self._accept_rounds, "janitor": self._janitor_rounds}
 
     def get_request(self) -> tuple[socket.socket, Any]:
         try:
@@ -474,6 +497,7 @@ class EchoServer(socketserver.TCPServer):
         limits = [t for t in (s.idle_timeout, s.line_timeout, s.send_timeout) if t > 0]
         tick = min(1.0, max(0.05, min(limits) / 10))
         while not self._janitor_stop.wait(tick):
+            self._janitor_rounds += 1
             try:
                 self.check_timeouts()
             except Exception:

@@ -15,6 +15,10 @@ Lifecycle of :meth:`Service.run`, in order:
 4. Announce readiness: the ``listening`` event, ``READY=1`` to systemd, and
    the ``on_ready`` callback (the detaching parent waits for it).
 5. Wait for a stop request: a signal, ``/shutdown``, or :meth:`request_stop`.
+   Meanwhile, under ``WatchdogSec=``, send ``WATCHDOG=1`` at half the
+   interval while the accept loop and the janitor both go round
+   (:class:`~echod.systemd.Watchdog`); a ping withheld is logged
+   (``watchdog_withheld``), and systemd then restarts echod.
 6. Stop: ``STOPPING=1``; stop accepting; tell every client and close it;
    join the handlers within ``--shutdown-timeout``; close the operator
    interfaces.
@@ -53,6 +57,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Descriptors besides one per client: std streams, listener, reserve, control
 # socket and its sessions, log file, wake pipe, /proc reads by libraries.
 NOFILE_HEADROOM = 64
+MAIN_LOOP_WAKE = 5.0  # the main loop needs no wake-up but the watchdog's; a bound anyway
 
 
 def raise_nofile_limit(max_clients: int, log: Logger) -> int:
@@ -158,6 +163,7 @@ class Service:
             pass
 
     _stopping = False
+    _watchdog: systemd.Watchdog | None = None
 
     def run(self, on_ready: Callable[[], None] | None = None) -> int:
         """Serve until stopped; see the module docstring for the steps."""
@@ -183,6 +189,9 @@ class Service:
             max_clients=s.max_clients,
             max_line=s.max_line,
         )
+        interval = systemd.watchdog_interval()  # READY=1 arms systemd's side
+        if interval is not None:
+            self._watchdog = systemd.Watchdog(interval, self.server.progress)
         systemd.notify("READY=1")
         if on_ready is not None:
             on_ready()
@@ -196,7 +205,7 @@ class Service:
 
     def _wait_for_stop(self) -> None:
         while self._stop_reason is None:
-            select.select([self._wake_r], [], [], 5.0)
+            select.select([self._wake_r], [], [], self._check_watchdog())
             try:
                 os.read(self._wake_r, 512)
             except BlockingIOError:
@@ -207,6 +216,17 @@ class Service:
                     self._reopen_logs()
                 else:
                     self.request_stop(signal.Signals(signum).name)
+
+    def _check_watchdog(self) -> float:
+        """Ping systemd's watchdog if due; how long the main loop may sleep."""
+        dog = self._watchdog
+        if dog is None:
+            return MAIN_LOOP_WAKE
+        was = dog.stalled
+        wait = dog.check()
+        if dog.stalled and dog.stalled != was:
+            self.log.warning("watchdog_withheld", stalled=dog.stalled, every=dog.every)
+        return min(wait, MAIN_LOOP_WAKE)
 
     def _reopen_logs(self) -> None:
         if self.log_file is None:

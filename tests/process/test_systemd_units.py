@@ -181,6 +181,7 @@ def test_service_unit_requirements() -> None:
     burst = int(_unit_value(text, "StartLimitBurst"))
     restart_sec = int(_unit_value(text, "RestartSec").rstrip("s"))
     assert 1 < burst * restart_sec < int(_unit_value(text, "StartLimitIntervalSec").rstrip("s"))
+    assert int(_unit_value(text, "WatchdogSec").rstrip("s")) >= 4  # 4 janitor rounds
     assert _unit_value(text, "RuntimeDirectory") == "echod"
     assert _unit_value(text, "DynamicUser") == "yes"
     assert _unit_value(text, "CapabilityBoundingSet") == ""
@@ -283,7 +284,15 @@ def test_logrotate_config_parses(tmp_path: Path) -> None:
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    for name in ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "ECHOD_OPTS"):
+    for name in (
+        "NOTIFY_SOCKET",
+        "LISTEN_PID",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+        "ECHOD_OPTS",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+    ):
         env.pop(name, None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -525,6 +534,29 @@ def test_ready_status_stopping(echod_cmd: list[str], notifications: Notification
         echod.kill()
 
 
+@pytest.mark.timeout(120)
+def test_watchdog_pings_under_execstart(echod_cmd: list[str], notifications: Notifications) -> None:
+    """With $WATCHDOG_USEC (WatchdogSec=), WATCHDOG=1 comes at half the interval."""
+    env = _child_env()
+    env.update(
+        ECHOD_OPTS="--port 0 --control-socket none",
+        NOTIFY_SOCKET=notifications.path,
+        WATCHDOG_USEC="600000",  # pings every 0.3 s
+    )
+    argv = _exec_start_argv(SERVICE.read_text(), env)
+    echod = Echod([*echod_cmd, *argv[1:]], env)
+    try:
+        notifications.wait_for(lambda m: m == "READY=1", START_TIMEOUT, "READY=1")
+        notifications.wait_for(
+            lambda _: notifications.received.count("WATCHDOG=1") >= 3,
+            EVENT_TIMEOUT,
+            "three WATCHDOG=1",
+        )
+        assert echod.terminate() == 0, echod.output()
+    finally:
+        echod.kill()
+
+
 @pytest.fixture
 def activation_socket() -> Iterator[socket.socket]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -538,7 +570,7 @@ def activation_socket() -> Iterator[socket.socket]:
 
 
 def _start_activated(
-    echod_cmd: list[str], listener: socket.socket, listen_pid: str, env: dict[str, str]
+    echod_cmd: list[str], listener: socket.socket, listen_pid: str, env: dict[str, str], *extra: str
 ) -> Echod:
     fd = listener.fileno()
     argv = [
@@ -555,8 +587,24 @@ def _start_activated(
         "none",
         "--port",
         "0",  # were echod to bind its own port, the test would see another one
+        *extra,
     ]
     return Echod(argv, env, pass_fds=(fd,))
+
+
+def _listen_backlog(port: int) -> int | None:
+    """The kernel's backlog of the listening socket on ``port`` (ss: Send-Q), if ss exists."""
+    ss = shutil.which("ss")
+    if ss is None:
+        return None
+    out = subprocess.run(
+        [ss, "-Hltn", f"sport = :{port}"],
+        capture_output=True,
+        text=True,
+        timeout=EVENT_TIMEOUT,
+        check=True,
+    ).stdout.split()
+    return int(out[2])
 
 
 @pytest.mark.timeout(120)
@@ -566,7 +614,8 @@ def test_socket_activation_serves_fd3(
     port = activation_socket.getsockname()[1]
     env = _child_env()
     env["NOTIFY_SOCKET"] = notifications.path
-    echod = _start_activated(echod_cmd, activation_socket, "self", env)
+    assert _listen_backlog(port) in (128, None)  # as the fixture listens
+    echod = _start_activated(echod_cmd, activation_socket, "self", env, "--backlog", "77")
     activation_socket.close()  # echod holds the only copy now
     try:
         event = echod.event("listening")
@@ -575,6 +624,7 @@ def test_socket_activation_serves_fd3(
         notifications.wait_for(lambda m: m == "READY=1", START_TIMEOUT, "READY=1")
         _echo(port).close()
         assert _listening_ports(echod.proc.pid) == {port}
+        assert _listen_backlog(port) in (77, None)  # echod's --backlog, not the passer's
         assert echod.terminate() == 0, echod.output()
     finally:
         echod.kill()
