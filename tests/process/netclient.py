@@ -8,7 +8,9 @@ timeout; a failure is one line on stderr and exit status 1.
   sends until it closes (e.g. ``Server shutting down``), then ``EOF``.
 - ``storm``: connect, echo, close, again and again until stdin closes (or
   :data:`STORM_MAX` connections / :data:`STORM_SECONDS`); print ``started``
-  after the first, then one JSON line: connections made and failures.
+  after the first, then one JSON line: connections made, how many were told
+  ``Server shutting down`` (an echod stopping while they were connected:
+  served, not refused) and the failures (refused, reset, no answer).
 - ``listen``: hold 127.0.0.1:PORT open (print ``listening``) until stdin closes.
 """
 
@@ -22,22 +24,33 @@ import time
 
 TIMEOUT = 10.0
 LINE = b"hello from the machine\n"
+SHUTDOWN = b"Server shutting down\n"
 STORM_MAX = 5000
 STORM_SECONDS = 60.0
 
 
-def _echo_once(port: int) -> socket.socket:
+def _echo_once(port: int, shutdown_ok: bool = False) -> tuple[socket.socket, bool]:
+    """Connect, send LINE, read it back; the connection and whether echod said it stops.
+
+    With ``shutdown_ok``, ``Server shutting down`` in place of the echo or
+    after it is no error (an echod stopping while the client was connected);
+    anything else than the echo raises ConnectionError.
+    """
     conn = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-    conn.sendall(LINE)
-    got = b""
-    while not got.endswith(b"\n"):
-        chunk = conn.recv(4096)
-        if not chunk:
-            raise ConnectionError(f"closed after {got!r}")
-        got += chunk
-    if got != LINE:
-        raise ConnectionError(f"expected {LINE!r}, got {got!r}")
-    return conn
+    try:
+        conn.sendall(LINE)
+        got = b""
+        while not got.endswith(b"\n"):
+            chunk = conn.recv(4096)
+            if not chunk:
+                raise ConnectionError(f"closed after {got!r}")
+            got += chunk
+        if got != LINE and not (shutdown_ok and got in (SHUTDOWN, LINE + SHUTDOWN)):
+            raise ConnectionError(f"expected {LINE!r}, got {got!r}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn, got != LINE
 
 
 def _stdin_closed(timeout: float) -> bool:
@@ -47,21 +60,23 @@ def _stdin_closed(timeout: float) -> bool:
 
 def main(mode: str, port: int) -> None:
     if mode == "echo":
-        _echo_once(port).close()
+        _echo_once(port)[0].close()
         print("ok")
     elif mode == "hold":
-        conn = _echo_once(port)
+        conn, _ = _echo_once(port)
         print("echoed", flush=True)
         conn.settimeout(60.0)
         while chunk := conn.recv(4096):
             sys.stdout.write(chunk.decode("utf-8", "replace"))
         print("EOF")
     elif mode == "storm":
-        made, failures = 0, []
+        made, told_shutdown, failures = 0, 0, []
         deadline = time.monotonic() + STORM_SECONDS
         while made < STORM_MAX and time.monotonic() < deadline:
             try:
-                _echo_once(port).close()
+                conn, stopping = _echo_once(port, shutdown_ok=True)
+                conn.close()
+                told_shutdown += stopping
             except OSError as err:
                 failures.append(f"{type(err).__name__}: {err}")
             made += 1
@@ -69,7 +84,8 @@ def main(mode: str, port: int) -> None:
                 print("started", flush=True)
             if _stdin_closed(0):
                 break
-        print(json.dumps({"connections": made, "failures": failures}))
+        result = {"connections": made, "told_shutdown": told_shutdown, "failures": failures}
+        print(json.dumps(result))
     elif mode == "listen":
         with socket.create_server(("127.0.0.1", port)):
             print("listening", flush=True)
