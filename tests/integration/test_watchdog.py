@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from echod import systemd
-from tests.conftest import TIMEOUT, RunningServer, wait_for
+from tests.helpers import TIMEOUT, RunningServer, wait_for
 
 INTERVAL = 4.0  # WatchdogSec=; only the fake clock ever reaches it
 
