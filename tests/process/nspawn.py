@@ -13,7 +13,7 @@ The root file system
     list, built under a lock and renamed into place only when complete, so
     a crashed or concurrent build never leaves a half rootfs behind. The
     cached tree is never booted itself: each boot gets an overlayfs whose
-    upper layer lives in the test's temporary directory, so every run
+    upper layer is a tmpfs of its own, thrown away afterwards, so every run
     starts from the same pristine system, and two runs can share the cache.
 
 Booting
@@ -70,7 +70,7 @@ SUITE = "bookworm"  # Debian 12
 PACKAGES = ("systemd", "systemd-sysv", "python3", "python3-venv", "netcat-openbsd")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 CACHE = Path(os.environ.get("ECHOD_TEST_ROOTFS_CACHE", "/var/cache/echod-test-rootfs"))
-DEBOOTSTRAP_TIMEOUT = 900.0  # about a minute on a quiet machine, two on a busy one
+DEBOOTSTRAP_TIMEOUT = 900.0  # about two minutes on a busy 2-core machine
 BOOT_TIMEOUT = 60.0  # the boot takes about a second; is-system-running --wait included
 COMMAND_TIMEOUT = 60.0
 SHUTDOWN_TIMEOUT = 20.0
@@ -221,29 +221,35 @@ class Machine:
         self.workdir = workdir
         self.root = workdir / "root"
         self.console = workdir / "console.log"
-        self._upper = workdir / "upper"
-        self._work = workdir / "work"
-        for d in (self.root, self._upper, self._work):
-            d.mkdir(parents=True, exist_ok=True)
-        self._mounted = False
+        self._mounts: list[Path] = []  # unmounted in reverse order
         self._cgroup: Path | None = None
         self._nspawn: subprocess.Popen[bytes] | None = None
         self.pid1 = 0
-        subprocess.run(
-            [
-                "mount",
-                "-t",
-                "overlay",
-                "overlay",
-                "-o",
-                f"lowerdir={lower},upperdir={self._upper},workdir={self._work}",
-                str(self.root),
-            ],
-            check=True,
-            timeout=COMMAND_TIMEOUT,
+        # The writable layer on a tmpfs of its own: overlayfs refuses an upper
+        # directory on overlayfs, which the temporary directory may be (docker).
+        layer = workdir / "layer"
+        for d in (self.root, layer):
+            d.mkdir(parents=True, exist_ok=True)
+        try:
+            self._mount(["-t", "tmpfs", "-o", "mode=0755", "tmpfs"], layer)
+            (layer / "upper").mkdir()
+            (layer / "work").mkdir()
+            options = f"lowerdir={lower},upperdir={layer / 'upper'},workdir={layer / 'work'}"
+            self._mount(["-t", "overlay", "-o", options, "overlay"], self.root)
+        except BaseException:
+            self.close()
+            raise
+
+    def _mount(self, args: list[str], target: Path) -> None:
+        proc = subprocess.run(
+            ["mount", *args, str(target)],
             capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
         )
-        self._mounted = True
+        assert proc.returncode == 0, f"mount {' '.join(args)} {target}: {proc.stderr.strip()}"
+        self._mounts.append(target)
 
     # -- boot and shut down ------------------------------------------------
 
@@ -326,13 +332,13 @@ class Machine:
                         self._nspawn.kill()
                         self._nspawn.wait(timeout=SHUTDOWN_TIMEOUT)
             self._nspawn = None
-        if self._mounted:
+        while self._mounts:
+            target = str(self._mounts.pop())
             umount = subprocess.run(
-                ["umount", str(self.root)], capture_output=True, timeout=COMMAND_TIMEOUT
+                ["umount", target], capture_output=True, timeout=COMMAND_TIMEOUT
             )
-            if umount.returncode != 0:
-                subprocess.run(["umount", "-l", str(self.root)], timeout=COMMAND_TIMEOUT)
-            self._mounted = False
+            if umount.returncode != 0:  # still busy: detach it, the kernel frees it later
+                subprocess.run(["umount", "-l", target], timeout=COMMAND_TIMEOUT)
         if self._cgroup is not None:
             _remove_cgroup(self._cgroup)
             self._cgroup = None
