@@ -193,6 +193,8 @@ class Service:
         if interval is not None:
             self._watchdog = systemd.Watchdog(interval, self.server.progress)
         systemd.notify("READY=1")
+        if self.registry.on_change is not None:  # systemctl status shows a count from the start
+            self.registry.on_change(len(self.registry))
         if on_ready is not None:
             on_ready()
         self._wait_for_stop()

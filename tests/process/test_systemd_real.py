@@ -179,7 +179,7 @@ def test_start_returns_once_a_client_is_served(echod: Machine) -> None:
 
 
 def test_status_shows_the_status_text(echod: Machine) -> None:
-    """STATUS= is sent when the client count changes (docs/deploy.md)."""
+    """STATUS= is sent at start and when the client count changes (docs/deploy.md)."""
     m = echod
     m.run("systemctl", "start", "echod.service")
 

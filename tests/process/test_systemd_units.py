@@ -510,6 +510,8 @@ def test_ready_status_stopping(echod_cmd: list[str], notifications: Notification
     echod = Echod([*echod_cmd, *argv[1:]], env)
     try:
         notifications.wait_for(lambda m: m == "READY=1", START_TIMEOUT, "READY=1")
+        # The status line is there from the start, before any client changes the count.
+        notifications.wait_for(lambda m: m == "STATUS=0 clients", EVENT_TIMEOUT, "STATUS=0")
         conn = _echo(port)  # no retry: the port must be serving already
         try:
             event = echod.event("listening", EVENT_TIMEOUT)
