@@ -1,4 +1,4 @@
-"""The PROXY header parser, sans I/O: a table of cases, each fed whole, byte by byte and cut at random.
+"""The PROXY header parser, sans I/O: a table of cases fed whole, byte by byte, at random cuts.
 
 Every case in :data:`CASES` is ``(name, versions, data, expected)``: ``data``
 is everything the peer sends (header and client bytes), ``expected`` is the
@@ -357,4 +357,4 @@ def test_unknown_versions_setting_is_refused() -> None:
 
 
 def test_signature_constant_is_the_spec_bytes() -> None:
-    assert V2_SIGNATURE == bytes.fromhex("0D0A0D0A000D0A515549540A")
+    assert bytes.fromhex("0D0A0D0A000D0A515549540A") == V2_SIGNATURE
