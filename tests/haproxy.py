@@ -9,9 +9,7 @@ race for a free port. :meth:`HAProxy.stop` ends it by PID.
 
 ``send_proxy`` is the server-line keyword: ``send-proxy`` (v1) or
 ``send-proxy-v2``. With ``check=True`` HAProxy also health-checks the backend
-every 200 ms and sends a header on those connections too
-(``check-send-proxy``): with v2 that is a ``LOCAL`` header, as a real
-balancer sends it.
+every 200 ms; it puts a header on those connections too (v2: ``LOCAL``).
 """
 
 from __future__ import annotations
@@ -75,7 +73,7 @@ class HAProxy:
                 backend_host=backend_host,
                 backend_port=backend_port,
                 send_proxy=send_proxy,
-                check=" check inter 200ms check-send-proxy" if check else "",
+                check=" check inter 200ms" if check else "",
             )
         )
         self.log = (workdir / "haproxy.log").open("wb")
