@@ -25,8 +25,8 @@ MakeHAProxy = Callable[..., HAProxy]
 def make_haproxy(tmp_path: Path) -> Iterator[MakeHAProxy]:
     started: list[HAProxy] = []
 
-    def make(backend_port: int, send_proxy: str, **kwargs: object) -> HAProxy:
-        proxy = HAProxy(tmp_path / f"haproxy{len(started)}", backend_port, send_proxy, **kwargs)
+    def make(backend_port: int, send_proxy: str, check: bool = False) -> HAProxy:
+        proxy = HAProxy(tmp_path / f"haproxy{len(started)}", backend_port, send_proxy, check=check)
         started.append(proxy)
         return proxy
 
