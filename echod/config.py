@@ -46,6 +46,7 @@ one sentence for options that do not go together.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -53,6 +54,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from echod import admission, proxy
+from echod.admission import IPNetwork, Rate
 from echod.errors import UsageError
 
 T = TypeVar("T")
@@ -194,6 +197,21 @@ def choice(*names: str) -> Kind[str]:
 
 TEXT: Kind[str] = Kind(str)
 PATH: Kind[Path] = Kind(parse_path)
+
+
+def _from(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """A parser of echod.admission, its ValueError turned into InvalidValue."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise InvalidValue(str(err)) from None
+
+    return convert
+
+
+CIDR: Kind[IPNetwork] = Kind(_from(admission.parse_entry))
 
 
 # -- the option table -----------------------------------------------------------------
@@ -345,6 +363,108 @@ class Settings:
         metavar="N",
     )
 
+    proxy_protocol: str = option(
+        "every connection begins with a PROXY header of this version (needs --proxy-trusted)",
+        "off",
+        kind=choice("off", *proxy.VERSIONS),
+        metavar="{off,v1,v2,any}",
+    )
+    proxy_trusted: tuple[IPNetwork, ...] = option(
+        "a network of load balancers that may send the PROXY header",
+        default_factory=tuple,
+        kind=CIDR,
+        metavar="CIDR",
+        repeatable=True,
+        shown="—",
+    )
+    proxy_timeout: float = option(
+        "the PROXY header must be complete this many seconds after the connect",
+        3.0,
+        kind=duration(allow_zero=False),
+        metavar="SECONDS",
+    )
+    allow: tuple[IPNetwork, ...] = option(
+        "serve only clients that match an allow entry (an address or CIDR network)",
+        default_factory=tuple,
+        kind=CIDR,
+        metavar="CIDR",
+        repeatable=True,
+        shown="—",
+    )
+    deny: tuple[IPNetwork, ...] = option(
+        "refuse clients that match, unless a more specific allow entry does",
+        default_factory=tuple,
+        kind=CIDR,
+        metavar="CIDR",
+        repeatable=True,
+        shown="—",
+    )
+    allow_file: tuple[Path, ...] = option(
+        "allow entries from a file, one a line, # comments; joins --allow in one list",
+        default_factory=tuple,
+        kind=PATH,
+        metavar="PATH",
+        repeatable=True,
+        shown="—",
+    )
+    deny_file: tuple[Path, ...] = option(
+        "deny entries from a file, one a line, # comments; joins --deny in one list",
+        default_factory=tuple,
+        kind=PATH,
+        metavar="PATH",
+        repeatable=True,
+        shown="—",
+    )
+    max_per_source: int = option(
+        "most connections one source group holds at once (0 = no limit)",
+        0,
+        kind=int_range(0),
+        metavar="N",
+    )
+    source_prefix: tuple[int, int] = option(
+        "prefix lengths that make client addresses one source group, IPv4:IPv6",
+        admission.DEFAULT_SOURCE_PREFIX,
+        kind=Kind(_from(admission.parse_source_prefix)),
+        metavar="V4:V6",
+        shown="`32:64`",
+    )
+    max_connect_rate: Rate | None = option(
+        "connects per source group: bursts of N, refilled at N per SECONDS",
+        None,
+        kind=Kind(_from(Rate.parse)),
+        metavar="N/SECONDS",
+        shown="off",
+    )
+    max_line_rate: int = option(
+        "lines handled per second per client; faster clients are slowed, not cut (0 = off)",
+        0,
+        kind=int_range(0),
+        metavar="N",
+    )
+
+    @functools.cached_property
+    def access_lists(self) -> tuple[tuple[IPNetwork, ...], tuple[IPNetwork, ...]]:
+        """Allow and deny entries: the flags' and the files' in one list each (files read once).
+
+        Raises :class:`ValueError` naming the file and line of a bad entry.
+        """
+        allow, deny = self.allow, self.deny
+        for path in self.allow_file:
+            allow += tuple(admission.read_entries(path))
+        for path in self.deny_file:
+            deny += tuple(admission.read_entries(path))
+        return allow, deny
+
+    def admission_policy(self) -> admission.Policy:
+        allow, deny = self.access_lists
+        return admission.Policy(
+            allow=allow,
+            deny=deny,
+            max_per_source=self.max_per_source,
+            source_prefix=self.source_prefix,
+            connect_rate=self.max_connect_rate,
+        )
+
     def __post_init__(self) -> None:
         for opt in OPTIONS:
             value = getattr(self, opt.name)
@@ -355,6 +475,15 @@ class Settings:
                     opt.kind.check(item)
             except InvalidValue as err:
                 raise UsageError(f"argument {opt.flag}: {err}") from None
+        if self.proxy_protocol != "off" and not self.proxy_trusted:
+            raise UsageError(
+                "--proxy-protocol needs --proxy-trusted CIDR: the networks of the load "
+                "balancers that may say who the client is"
+            )
+        try:
+            _ = self.access_lists  # read the files now: a bad line stops echod at start
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         if self.console and not self.foreground:
             raise UsageError("--console needs --foreground (a detached echod has no terminal)")
         for given in ("log_file", "pidfile"):

@@ -28,7 +28,8 @@ is never reused under it. The first reason wins (``end_reason``).
 
 State. Everything a connection is lives in its ``__slots__``, grouped in
 :meth:`Connection.__init__` by who writes it: identity (``sock``, ``peer``,
-``id``, ``started``, ``thread``), the protocol's unfinished input
+``id``, ``started``, ``thread``; ``via`` and ``admitted``, which admission
+control sets before the client is served), the protocol's unfinished input
 (``proto``), the handler's counters, the janitor's times, writing (deadline,
 queue, lock) and the ending. A step that must carry a connection elsewhere (to another process)
 has exactly these to carry; nothing about a client is kept anywhere else
@@ -43,6 +44,7 @@ import threading
 import time
 
 from echod import protocol
+from echod.admission import Admitted
 
 MAX_QUEUED = 256  # lines waiting for a client that is not reading; then slow_reader
 
@@ -63,6 +65,7 @@ class Connection:
     __slots__ = (
         "_out",
         "_wlock",
+        "admitted",
         "bytes_in",
         "bytes_out",
         "end_reason",
@@ -80,6 +83,7 @@ class Connection:
         "stalled_since",
         "started",
         "thread",
+        "via",
     )
 
     def __init__(
@@ -96,6 +100,11 @@ class Connection:
         self.id = cid
         self.started = _now()  # for ages and durations
         self.thread: threading.Thread | None = None  # set by the accepting thread
+        # Set by the handler thread before it serves (server._admit): the
+        # proxy's address when a PROXY header named the client (peer is then
+        # the client), and the admission to hand back when the client goes.
+        self.via: str | None = None
+        self.admitted: Admitted | None = None
         # Protocol state: the unfinished line. The handler feeds it; the janitor reads it.
         self.proto = protocol.LineProtocol(max_line)
         # Counters. The handler only counts; the janitor turns counts into times (notice()).
@@ -233,7 +242,9 @@ class Connection:
         """
         pending = self.proto.pending
         bytes_in, lines_in = self.bytes_in, self.lines_in
-        if bytes_in != self.seen_bytes_in:
+        # Lines handled count too: a client paced by --max-line-rate is busy
+        # while its handler reads nothing.
+        if bytes_in != self.seen_bytes_in or lines_in != self.seen_lines_in:
             self.seen_bytes_in = bytes_in
             self.last_active = now
         if not pending:

@@ -54,9 +54,8 @@ from __future__ import annotations
 import ipaddress
 import struct
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final
 
-Version = Literal["v1", "v2", "any"]
 VERSIONS: Final[tuple[str, ...]] = ("v1", "v2", "any")
 
 # Section 2.1: the worst case, "PROXY UNKNOWN" with two full IPv6 addresses
@@ -125,10 +124,10 @@ class ProxyParser:
 
     __slots__ = ("_buf", "_version", "finished", "versions")
 
-    def __init__(self, versions: Version = "any") -> None:
+    def __init__(self, versions: str = "any") -> None:
         if versions not in VERSIONS:
             raise ValueError(f"versions must be one of {', '.join(VERSIONS)}")
-        self.versions: Version = versions
+        self.versions = versions
         self._buf = b""
         self._version = 0  # 1 or 2 once the first byte said which
         self.finished = False

@@ -69,7 +69,16 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from echod import protocol
+from echod import protocol, proxy
+from echod.admission import (
+    REASONS,
+    AccessList,
+    Admission,
+    BurstLog,
+    Refused,
+    TokenBucket,
+    normalize,
+)
 from echod.config import Settings
 from echod.connection import Connection, ConnectionGone
 from echod.errors import StartupError
@@ -95,13 +104,19 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 BACKOFF_SECONDS = 0.1  # accept loop pause when out of descriptors or threads
 ACCEPT_POLL = 0.1  # how soon the accept loop notices stop(); part of the shutdown deadline
 
+# How long a handler paced by --max-line-rate sleeps at most before it looks
+# again whether its connection is being ended (a kick, a shutdown).
+PACE_SLICE = 0.05
+
 _now = time.monotonic
 
 
 def format_peer(addr: Any) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
-        host, port = addr[0], addr[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        host, port = str(addr[0]), addr[1]
+        if host.startswith("::ffff:"):  # IPv4-mapped: the IPv4 client it is
+            host = str(normalize(host))
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(addr) or "unknown"
 
 
@@ -145,6 +160,8 @@ class EchoHandler(socketserver.BaseRequestHandler):
         proto = conn.proto
         recv = conn.sock.recv
         relay = server.settings.chat
+        rate = server.settings.max_line_rate
+        pace = TokenBucket(rate, rate, _now()) if rate else None  # --max-line-rate: bursts of N
         reason = "eof"
         final: bytes | None = None
         size = SMALL_RECV
@@ -175,6 +192,9 @@ class EchoHandler(socketserver.BaseRequestHandler):
                     events = proto.end_of_input()
                 for event in events:
                     if type(event) is protocol.Echo:
+                        if pace is not None:
+                            self._paced(event, pace)
+                            continue
                         conn.lines_in += event.lines
                         conn.send(event.data, event.lines)
                         if relay:
@@ -191,6 +211,43 @@ class EchoHandler(socketserver.BaseRequestHandler):
             conn.end_reason = reason
         self._close(final)
 
+    def _paced(self, echo: protocol.Echo, pace: TokenBucket) -> None:
+        """Handle an echo's lines no faster than ``--max-line-rate``, waiting for the budget.
+
+        While the handler waits here it reads nothing more, so further lines
+        stay unread in the kernel and TCP slows the client down: it is slowed,
+        never cut, and no byte is lost. Raises :class:`ConnectionGone` when the
+        connection is ended meanwhile (a kick, a shutdown).
+        """
+        conn = self.request
+        server = self.server
+        data, left = echo.data, echo.lines
+        start = 0
+        while left:
+            now = _now()
+            budget = int(pace.refill(now))
+            if budget < 1:
+                wait = pace.wait_for(now)
+                if conn.end_reason is None and server.stopping:
+                    conn.end(protocol.SHUTDOWN_NOTICE, "shutdown")
+                if conn.end_reason is not None:
+                    raise ConnectionGone(conn.end_reason)
+                time.sleep(min(wait, PACE_SLICE))
+                continue
+            take = min(budget, left)
+            end = start
+            for _ in range(take):
+                nl = data.find(b"\n", end)
+                end = len(data) if nl < 0 else nl + 1  # a last line at EOF has no LF
+            pace.level -= take
+            left -= take
+            chunk = data[start:end]
+            start = end
+            conn.lines_in += take
+            conn.send(chunk, take)
+            if self.server.settings.chat:
+                self.on_lines(chunk)
+
     def on_lines(self, data: bytes) -> None:
         """Chat mode: relay each line to every other client as ``client <id>: <line>``."""
         conn = self.request
@@ -206,31 +263,34 @@ class EchoHandler(socketserver.BaseRequestHandler):
                 other.push(message, len(lines))
 
     def _close(self, final: bytes | None) -> None:
-        """Send the last reply, half-close, drain a little input, close.
+        finish(self.request, final)
 
-        Draining before close() matters: closing a socket with unread input
-        makes the kernel send RST, which can destroy the reply in flight.
-        """
-        conn = self.request
-        sock = conn.sock
-        if final is not None:
-            conn.send_last(final, min(conn.send_timeout, LINGER_SECONDS))
-        try:
-            sock.shutdown(socket.SHUT_WR)
-            deadline = _now() + LINGER_SECONDS
-            drained = 0
-            while drained < LINGER_BYTES:
-                remaining = deadline - _now()
-                if remaining <= 0:
-                    break
-                sock.settimeout(remaining)
-                chunk = sock.recv(RECV_SIZE)
-                if not chunk:
-                    break
-                drained += len(chunk)
-        except OSError:
-            pass  # reset or timed out: nothing more to save
-        sock.close()
+
+def finish(conn: Connection, final: bytes | None) -> None:
+    """Send the last reply, half-close, drain a little input, close (the handler thread's).
+
+    Draining before close() matters: closing a socket with unread input
+    makes the kernel send RST, which can destroy the reply in flight.
+    """
+    sock = conn.sock
+    if final is not None:
+        conn.send_last(final, min(conn.send_timeout, LINGER_SECONDS))
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = _now() + LINGER_SECONDS
+        drained = 0
+        while drained < LINGER_BYTES:
+            remaining = deadline - _now()
+            if remaining <= 0:
+                break
+            sock.settimeout(remaining)
+            chunk = sock.recv(RECV_SIZE)
+            if not chunk:
+                break
+            drained += len(chunk)
+    except OSError:
+        pass  # reset or timed out: nothing more to save
+    sock.close()
 
 
 class EchoServer(socketserver.TCPServer):
@@ -287,6 +347,15 @@ class EchoServer(socketserver.TCPServer):
         self._last_reject = 0.0
         # Rounds of the accept loop and of the janitor, for the systemd watchdog.
         self._accept_rounds = self._janitor_rounds = 0
+        policy = settings.admission_policy()
+        self.admission = Admission(policy)
+        self.refusal_log = BurstLog()
+        self._proxy_versions = None if settings.proxy_protocol == "off" else settings.proxy_protocol
+        self._proxy_trusted = AccessList(allow=settings.proxy_trusted)
+        # Whether connections pass _admit() at all: nothing to do costs nothing.
+        self._gated = self._proxy_versions is not None or bool(
+            policy.allow or policy.deny or policy.max_per_source or policy.connect_rate
+        )
         if listener is not None:
             self.address_family = listener.family
             super().__init__(listener.getsockname()[:2], handler, bind_and_activate=False)
@@ -379,7 +448,10 @@ class EchoServer(socketserver.TCPServer):
         )
         self.registry.add(conn)
         thread = threading.Thread(
-            target=self._run_handler, args=(conn,), name=f"echod-client-{conn.id}", daemon=True
+            target=self._run_handler,
+            args=(conn, client_address),
+            name=f"echod-client-{conn.id}",
+            daemon=True,
         )
         conn.thread = thread
         try:
@@ -393,10 +465,11 @@ class EchoServer(socketserver.TCPServer):
         if self._exhausted_since is not None:
             self._resources_back()
 
-    def _run_handler(self, conn: Connection) -> None:
+    def _run_handler(self, conn: Connection, address: Any) -> None:
         self.log.debug("connection_opened", client=conn.id, peer=conn.peer)
         try:
-            self.RequestHandlerClass(conn, conn.peer, self)
+            if not self._gated or self._admit(conn, address):
+                self.RequestHandlerClass(conn, conn.peer, self)
         except Exception:
             conn.end_reason = "error"
             self.handle_error(conn, conn.peer)
@@ -405,18 +478,115 @@ class EchoServer(socketserver.TCPServer):
             except OSError:
                 pass
         finally:
-            self.registry.remove(conn)
-            self.log.info(
-                "connection_closed",
-                client=conn.id,
-                peer=conn.peer,
-                reason=conn.end_reason,
-                duration=round(_now() - conn.started, 3),
-                bytes_in=conn.bytes_in,
-                bytes_out=conn.bytes_out,
-                lines_in=conn.lines_in,
-                lines_out=conn.lines_out,
+            if conn.admitted is not None:
+                self.admission.release(conn.admitted)
+            refused = conn.end_reason in REASONS  # told by _admit; never served
+            self.registry.remove(conn, refused=refused)
+            if not refused:
+                extra = {} if conn.via is None else {"via": conn.via}
+                self.log.info(
+                    "connection_closed",
+                    client=conn.id,
+                    peer=conn.peer,
+                    **extra,
+                    reason=conn.end_reason,
+                    duration=round(_now() - conn.started, 3),
+                    bytes_in=conn.bytes_in,
+                    bytes_out=conn.bytes_out,
+                    lines_in=conn.lines_in,
+                    lines_out=conn.lines_out,
+                )
+
+    # -- admission: the PROXY header, then who may connect ---------------------------
+
+    def _admit(self, conn: Connection, address: Any) -> bool:
+        """Read the PROXY header (``--proxy-protocol``), then apply the admission rules.
+
+        Runs in the client's handler thread before it is served. Returns
+        True to serve. Otherwise the connection is finished: told why (the
+        PROXY refusals are told nothing), closed, and its ``end_reason`` is
+        the refusal's reason, one of :data:`~echod.admission.REASONS`, or how
+        it ended meanwhile (a kick, a shutdown).
+        """
+        host = str(address[0])
+        if self._proxy_versions is not None:
+            if not self._proxy_trusted.allows(normalize(host)):
+                return self._refuse(conn, self.admission.refuse("proxy_untrusted"))
+            header = self._read_proxy_header(conn, self._proxy_versions)
+            if not isinstance(header, proxy.Header):
+                if conn.end_reason is not None:  # kicked or shut down while waiting
+                    conn.sock.close()
+                    return False
+                return self._refuse(conn, self.admission.refuse("proxy_header"), header)
+            if header.source is not None:
+                conn.via = conn.peer
+                conn.peer = format_peer(header.source)
+                host = header.source[0]
+        verdict = self.admission.admit(normalize(host))
+        if isinstance(verdict, Refused):
+            return self._refuse(conn, verdict)
+        conn.admitted = verdict
+        return True
+
+    def _read_proxy_header(self, conn: Connection, versions: str) -> proxy.Header | str:
+        """The PROXY header, or why there is none, within ``--proxy-timeout``.
+
+        Reads with MSG_PEEK and then takes from the socket exactly the
+        header's bytes, never one more: whatever the client sent after it
+        stays in the kernel, byte-exact, for the next reader (the line
+        protocol, or a TLS handshake), as if no header had been there. Bytes
+        peeked while the header is unfinished are all header, so they are
+        taken and the next peek waits for more.
+        """
+        sock = conn.sock
+        parser = proxy.ProxyParser(versions)
+        deadline = _now() + self.settings.proxy_timeout
+        try:
+            while True:
+                remaining = deadline - _now()
+                if remaining <= 0:
+                    return "timed out"
+                sock.settimeout(remaining)
+                data = sock.recv(proxy.V2_MAX, socket.MSG_PEEK)
+                if not data:
+                    return "closed before a whole header"
+                result = parser.feed(data)
+                if isinstance(result, proxy.Invalid):
+                    return result.reason
+                header = result if isinstance(result, proxy.Header) else None
+                used = len(data) - len(header.rest) if header is not None else len(data)
+                while used > 0:  # take exactly what was peeked; it is there, this does not wait
+                    taken = len(sock.recv(used))
+                    if not taken:
+                        return "closed before a whole header"
+                    used -= taken
+                if header is not None:
+                    return header  # its rest is still in the kernel, see above
+        except TimeoutError:
+            return "timed out"
+        except OSError as err:
+            return f"read failed: {err.strerror or err}"
+        finally:
+            try:
+                sock.settimeout(None)
+            except OSError:
+                pass
+
+    def _refuse(self, conn: Connection, refused: Refused, detail: str | None = None) -> bool:
+        """Tell a client it is not served (if its refusal has a line), log it, close. False."""
+        conn.end_reason = refused.reason
+        if self.refusal_log.should_log(refused.reason):
+            extra: dict[str, Any] = {} if conn.via is None else {"via": conn.via}
+            if detail is not None:
+                extra["detail"] = detail
+            self.log.warning(
+                "client_refused", reason=refused.reason, client=conn.id, peer=conn.peer, **extra
             )
+        if refused.line:
+            finish(conn, refused.line)
+        else:
+            conn.sock.close()  # no reply: a balancer or a stranger is told nothing
+        return False
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """One structured line instead of socketserver's traceback on stderr."""
@@ -510,6 +680,8 @@ class EchoServer(socketserver.TCPServer):
         if self._reject_burst and now - self._last_reject > 1.0:
             self.log.warning("client_rejected_burst_ended", rejected=self._reject_burst)
             self._reject_burst = 0
+        for reason, count in self.refusal_log.summaries():
+            self.log.warning("client_refused_burst", reason=reason, count=count)
         for conn in self.registry.snapshot():
             if conn.end_reason is not None:
                 continue

@@ -36,7 +36,7 @@ def make_haproxy(tmp_path: Path) -> Iterator[MakeHAProxy]:
 
 
 def read_header(conn: socket.socket, versions: str = "any") -> Result:
-    parser = ProxyParser(versions)  # type: ignore[arg-type]
+    parser = ProxyParser(versions)
     result: Result = NEED_DATA
     while result is NEED_DATA:
         data = conn.recv(4096)
