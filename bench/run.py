@@ -74,6 +74,15 @@ DEFAULT_ECHOD_CMD = shlex.join(
         "10000",
     ]
 )
+ALLOW_100 = BENCH / "allow-100.txt"
+ADMISSION_FLAGS = (
+    "--allow-file",
+    str(ALLOW_100),
+    "--max-per-source",
+    "20000",
+    "--max-connect-rate",
+    "20000/1",
+)
 REFERENCE_SERVERS = ("naive_socketserver", "asyncio_streams", "asyncio_protocol", "uvloop_protocol")
 
 Record = dict[str, Any]
@@ -152,6 +161,14 @@ def server_table(echod_cmd: str) -> dict[str, ServerSpec]:
         # "listening" event is info-level, hence the /proc fallback.
         "echod-quiet": ServerSpec(
             "echod-quiet", (*echod, "--log-level", "warning"), ("stderr-json", "proc")
+        ),
+        # Admission control on: a 100-entry allow list (the load generator's
+        # 127.0.0.1 matches one), per-source limits and connect rates; the
+        # issue's target is at least 0.97x plain echod at 100 connections.
+        "echod-admission": ServerSpec(
+            "echod-admission",
+            (*echod, *ADMISSION_FLAGS),
+            ("stderr-json", "proc"),
         ),
     }
     for name in REFERENCE_SERVERS:
