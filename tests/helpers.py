@@ -228,13 +228,26 @@ def read_answer(reader: LineReader, cut_short_ok: bool = False) -> list[str]:
 
 
 class Client:
-    """A test client: a connected socket with a timeout and a line reader."""
+    """A test client: a connected socket with a timeout and a line reader.
 
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = TIMEOUT) -> None:
+    ``source``: the address to connect from (all of 127/8 is loopback, so
+    127.0.0.2, 127.0.0.3, ... are other sources for admission control).
+    """
+
+    def __init__(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        timeout: float = TIMEOUT,
+        source: str | None = None,
+    ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
+        if source is not None:
+            self.sock.bind((source, 0))
         self.sock.connect((host, port))
+        self.port: int = self.sock.getsockname()[1]  # the client's own
         self.reader = LineReader.of_socket(self.sock, timeout)
         self.readline = self.reader.readline
         self.read_exactly = self.reader.read_exactly

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from echod.proxy import NEED_DATA, Header, ProxyParser, Result
-from tests.conftest import ROOT, EchodProcess
 from tests.haproxy import TIMEOUT, HAProxy, available
+from tests.helpers import ROOT, EchodProcess
 
 pytestmark = pytest.mark.skipif(not available(), reason="haproxy is not installed")
 

@@ -12,6 +12,7 @@ import json
 import socket
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -201,3 +202,24 @@ def test_log_level_filters() -> None:
 
     assert names("debug") == ["debug_event", "connection_closed", "janitor_error"]
     assert names("warning") == ["janitor_error"]
+
+
+def test_a_bad_allow_file_exits_2_naming_the_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], configured: list[tuple[Any, ...]]
+) -> None:
+    bad = tmp_path / "allow"
+    bad.write_text("192.0.2.0/24\nnot-an-address\n")
+    assert cli.main(["--foreground", "--allow-file", str(bad)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line == f"echod: {bad}, line 2: 'not-an-address' is not an IP address or CIDR network"
+    assert configured == []
+
+
+def test_proxy_protocol_without_trusted_exits_2(
+    capsys: pytest.CaptureFixture[str], configured: list[tuple[Any, ...]]
+) -> None:
+    assert cli.main(["--foreground", "--proxy-protocol", "any"]) == 2
+    assert one_error_line(capsys.readouterr().err).startswith(
+        "echod: --proxy-protocol needs --proxy-trusted CIDR"
+    )
+    assert configured == []

@@ -262,3 +262,76 @@ def test_runtime_paths_for_root(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.default_control_socket() == Path("/run/echod/control.sock")
     assert config.default_pidfile() == Path("/run/echod/echod.pid")
     assert config.default_log_file() == Path("/var/log/echod/echod.log")
+
+
+# -- admission control ---------------------------------------------------------------
+
+
+def test_admission_flags(tmp_path: Path) -> None:
+    allow = tmp_path / "allow"
+    allow.write_text("# the office\n192.0.2.0/24\n\n2001:db8::/32  # v6\n")
+    s = parse(
+        "--proxy-protocol", "v2",
+        "--proxy-trusted", "10.0.0.5",
+        "--proxy-trusted", "10.0.1.0/24",
+        "--allow", "127.0.0.0/8",
+        "--allow-file", str(allow),
+        "--deny", "::ffff:192.0.2.128/121",
+        "--max-per-source", "4",
+        "--source-prefix", "24:48",
+        "--max-connect-rate", "10/2",
+        "--max-line-rate", "50",
+    )  # fmt: skip
+    assert s.proxy_protocol == "v2"
+    assert [str(n) for n in s.proxy_trusted] == ["10.0.0.5/32", "10.0.1.0/24"]
+    policy = s.admission_policy()
+    assert [str(n) for n in policy.allow] == ["127.0.0.0/8", "192.0.2.0/24", "2001:db8::/32"]
+    assert [str(n) for n in policy.deny] == ["192.0.2.128/25"]  # mapped: the IPv4 network
+    assert (policy.max_per_source, policy.source_prefix) == (4, (24, 48))
+    assert policy.connect_rate == config.Rate(10, 2.0)
+    assert s.max_line_rate == 50
+
+
+def test_admission_defaults_are_off() -> None:
+    s = parse()
+    assert (s.proxy_protocol, s.proxy_trusted, s.proxy_timeout) == ("off", (), 3.0)
+    assert s.admission_policy() == config.admission.Policy()
+    assert s.max_line_rate == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--proxy-protocol", "v1"],
+            "--proxy-protocol needs --proxy-trusted CIDR: the networks of the load balancers "
+            "that may say who the client is",
+        ),
+        (["--proxy-protocol", "v3"], "argument --proxy-protocol: invalid choice: 'v3'"),
+        (
+            ["--allow", "10.0.0.1/8"],
+            "argument --allow: '10.0.0.1/8' has host bits set; did you mean 10.0.0.0/8?",
+        ),
+        (["--deny", "example.com"], "argument --deny: 'example.com' is not an IP address"),
+        (["--max-connect-rate", "10"], "argument --max-connect-rate: '10' is not a rate"),
+        (["--source-prefix", "33:64"], "argument --source-prefix: '33:64' is not a source prefix"),
+        (["--max-per-source", "-1"], "argument --max-per-source: -1 is out of range"),
+        (["--proxy-timeout", "0"], "argument --proxy-timeout: must be more than 0 seconds"),
+    ],
+)
+def test_admission_usage_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError) as info:
+        parse(*argv)
+    assert str(info.value).startswith(message)
+
+
+def test_a_bad_line_in_an_allow_file_names_the_file_and_line(tmp_path: Path) -> None:
+    deny = tmp_path / "deny"
+    deny.write_text("10.0.0.0/8\n# fine\n\n10.1.2.3/16\n")
+    with pytest.raises(UsageError) as info:
+        parse("--deny-file", str(deny))
+    assert str(info.value) == (
+        f"{deny}, line 4: '10.1.2.3/16' has host bits set; did you mean 10.1.0.0/16?"
+    )
+    with pytest.raises(UsageError, match=r"cannot read .*missing: No such file"):
+        parse("--allow-file", str(tmp_path / "missing"))

@@ -18,31 +18,25 @@ from typing import Any
 import pytest
 
 from echod.admission import Rate, normalize, parse_entry
-from tests.conftest import TIMEOUT, CapturedLogs, Client, RunningServer, wait_for
+from tests.helpers import (
+    TIMEOUT,
+    CapturedLogs,
+    Client,
+    RunningServer,
+    flood_until_stalled,
+    wait_for,
+)
 
 MakeServer = Callable[..., RunningServer]
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
-
-
-class SourceClient(Client):
-    """A client whose socket is bound to ``source`` before it connects."""
-
-    def __init__(self, port: int, source: str = "127.0.0.2", host: str = "127.0.0.1") -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.settimeout(TIMEOUT)
-        self.sock.bind((source, 0))
-        self.sock.connect((host, port))
-        self._buf = b""
-        self.port: int = self.sock.getsockname()[1]  # the client's own port
 
 
 @pytest.fixture
 def clients() -> Any:
     made: list[Client] = []
 
-    def make(port: int, source: str = "127.0.0.2") -> SourceClient:
-        client = SourceClient(port, source)
+    def make(port: int, source: str = "127.0.0.2") -> Client:
+        client = Client(port, source=source)
         made.append(client)
         return client
 
@@ -93,55 +87,43 @@ def test_per_source_limit(make_server: MakeServer, clients: Any) -> None:
     assert srv.server.admission.refused["per_source"] == 1
 
 
-def _end_by_exit(srv: RunningServer, c: SourceClient) -> None:
+def _end_by_exit(srv: RunningServer, c: Client) -> None:
     assert c.roundtrip(b"exit\n") == b"bye\n"
 
 
-def _end_by_eof(srv: RunningServer, c: SourceClient) -> None:
+def _end_by_eof(srv: RunningServer, c: Client) -> None:
     c.half_close()
 
 
-def _end_by_reset(srv: RunningServer, c: SourceClient) -> None:
+def _end_by_reset(srv: RunningServer, c: Client) -> None:
     c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     c.close()  # RST
 
 
-def _end_by_idle(srv: RunningServer, c: SourceClient) -> None:
+def _end_by_idle(srv: RunningServer, c: Client) -> None:
     assert c.readline() == b"ERR idle timeout\n"
 
 
-def _end_by_line_timeout(srv: RunningServer, c: SourceClient) -> None:
+def _end_by_line_timeout(srv: RunningServer, c: Client) -> None:
     c.send(b"unfinished")
     assert c.readline() == b"ERR line timeout\n"
 
 
-def _end_by_line_too_long(srv: RunningServer, c: SourceClient) -> None:
+def _end_by_line_too_long(srv: RunningServer, c: Client) -> None:
     c.send(b"x" * 100 + b"\n")
     assert c.readline() == b"ERR line too long (max 64 bytes)\n"
 
 
-def _end_by_kick(srv: RunningServer, c: SourceClient) -> None:
+def _end_by_kick(srv: RunningServer, c: Client) -> None:
     conn = srv.registry.snapshot()[0]  # the first client; the refused one may linger
     assert conn.end(b"Server says: bye\n", "kicked")
 
 
-def _end_by_slow_reader(srv: RunningServer, c: SourceClient) -> None:
-    # Send without ever reading: the echoes fill both buffers, the server's
-    # send waits --send-timeout and then drops the client.
-    c.sock.settimeout(0.2)
-    line = b"y" * 63 + b"\n"
-    deadline = time.monotonic() + TIMEOUT
-    conn = srv.registry.snapshot()[0]
-    while time.monotonic() < deadline and conn.end_reason is None:
-        try:
-            c.sock.send(line * 64)
-        except (TimeoutError, BlockingIOError):
-            continue
-        except OSError:
-            break
+def _end_by_slow_reader(srv: RunningServer, c: Client) -> None:
+    flood_until_stalled([c.sock], dropped_ok=True)  # never reading: --send-timeout drops it
 
 
-ENDINGS: dict[str, Callable[[RunningServer, SourceClient], None]] = {
+ENDINGS: dict[str, Callable[[RunningServer, Client], None]] = {
     "exit": _end_by_exit,
     "eof": _end_by_eof,
     "reset": _end_by_reset,
@@ -159,22 +141,12 @@ def test_every_way_a_connection_ends_frees_its_slot(
 ) -> None:
     srv = make_server(
         max_per_source=1,
-        max_line=64,
+        max_line=64 if ending == "line_too_long" else 1024,
         idle_timeout=0.3 if ending == "idle_timeout" else 300,
         line_timeout=0.3 if ending == "line_timeout" else 60,
         send_timeout=0.3 if ending == "slow_reader" else 10,
     )
-    if ending == "slow_reader":  # small buffers, so that the client stalls soon
-        first = SourceClient.__new__(SourceClient)
-        first.sock = socket.socket()
-        first.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        first.sock.settimeout(TIMEOUT)
-        first.sock.bind(("127.0.0.2", 0))
-        first.sock.connect(("127.0.0.1", srv.port))
-        first._buf = b""
-        first.port = first.sock.getsockname()[1]
-    else:
-        first = clients(srv.port)
+    first = clients(srv.port)
     try:
         assert served(first)
         assert refused_with(clients(srv.port)).startswith(b"ERR too many connections")
@@ -229,13 +201,13 @@ def test_an_ipv4_mapped_client_is_its_ipv4_address(
 ) -> None:
     # A dual-stack listener: IPv4 clients arrive as ::ffff:a.b.c.d.
     srv = make_server(host="::ffff:127.0.0.1", allow=nets("127.0.0.2"), max_per_source=1)
-    ok = SourceClient(srv.port, "127.0.0.2", "127.0.0.1")
+    ok = Client(srv.port, source="127.0.0.2")
     try:
         assert served(ok)
         (conn,) = srv.registry.snapshot()
         assert conn.peer == f"127.0.0.2:{ok.port}"
         assert srv.server.admission.connections(normalize("127.0.0.2")) == 1
-        other = SourceClient(srv.port, "127.0.0.3", "127.0.0.1")
+        other = Client(srv.port, source="127.0.0.3")
         assert refused_with(other) == b"ERR access denied\n"
         other.close()
     finally:
@@ -428,14 +400,15 @@ def test_a_refusal_flood_is_summarized(
     started = time.monotonic()
     total = 60
     for _ in range(total):
-        c = SourceClient(srv.port)
+        c = Client(srv.port, source="127.0.0.2")
         assert c.read_all() == b"ERR access denied\n"
         c.close()
     elapsed = time.monotonic() - started
 
     def accounted() -> int:
         bursts = captured_logs.named("client_refused_burst")
-        return len(captured_logs.named("client_refused")) + sum(b["count"] for b in bursts)
+        summarized: int = sum(b["count"] for b in bursts)
+        return len(captured_logs.named("client_refused")) + summarized
 
     wait_for(lambda: accounted() == total, what="every refusal logged or summarized")
     logged = len(captured_logs.named("client_refused"))
@@ -452,7 +425,7 @@ def test_many_threads_many_sources(make_server: MakeServer) -> None:
     def run(source: str) -> None:
         try:
             for _ in range(20):
-                c = SourceClient(srv.port, source)
+                c = Client(srv.port, source=source)
                 reply = c.roundtrip(b"x\n")
                 assert reply in (b"x\n", b"ERR too many connections from your address (max 5)\n")
                 c.close()
