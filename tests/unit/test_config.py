@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from echod import config
+from echod.admission import Policy, Rate
 from echod.cli import build_parser
 from echod.config import OPTIONS, Settings, settings_from_namespace
 from echod.errors import UsageError
@@ -288,14 +289,14 @@ def test_admission_flags(tmp_path: Path) -> None:
     assert [str(n) for n in policy.allow] == ["127.0.0.0/8", "192.0.2.0/24", "2001:db8::/32"]
     assert [str(n) for n in policy.deny] == ["192.0.2.128/25"]  # mapped: the IPv4 network
     assert (policy.max_per_source, policy.source_prefix) == (4, (24, 48))
-    assert policy.connect_rate == config.Rate(10, 2.0)
+    assert policy.connect_rate == Rate(10, 2.0)
     assert s.max_line_rate == 50
 
 
 def test_admission_defaults_are_off() -> None:
     s = parse()
     assert (s.proxy_protocol, s.proxy_trusted, s.proxy_timeout) == ("off", (), 3.0)
-    assert s.admission_policy() == config.admission.Policy()
+    assert s.admission_policy() == Policy()
     assert s.max_line_rate == 0
 
 
