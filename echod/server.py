@@ -245,7 +245,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
             start = end
             conn.lines_in += take
             conn.send(chunk, take)
-            if self.server.settings.chat:
+            if server.settings.chat:
                 self.on_lines(chunk)
 
     def on_lines(self, data: bytes) -> None:
