@@ -142,7 +142,12 @@ class EchoHandler(socketserver.BaseRequestHandler):
         sees ``end_reason`` at its first read, reads no further and closes the
         socket as for any other ending. An exception here is a bug, logged as
         ``handler_error`` (reason ``error``) by :meth:`EchoServer.handle_error`.
+
+        The steps, in order: the PROXY header and admission control
+        (:meth:`EchoServer.admit`).
         """
+        if self.server.gated:
+            self.server.admit(self.request, self.client_address)
 
     def handle(self) -> None:
         """Serve the client until it is done; then send the last reply and close.
@@ -263,34 +268,31 @@ class EchoHandler(socketserver.BaseRequestHandler):
                 other.push(message, len(lines))
 
     def _close(self, final: bytes | None) -> None:
-        finish(self.request, final)
+        """Send the last reply, half-close, drain a little input, close.
 
-
-def finish(conn: Connection, final: bytes | None) -> None:
-    """Send the last reply, half-close, drain a little input, close (the handler thread's).
-
-    Draining before close() matters: closing a socket with unread input
-    makes the kernel send RST, which can destroy the reply in flight.
-    """
-    sock = conn.sock
-    if final is not None:
-        conn.send_last(final, min(conn.send_timeout, LINGER_SECONDS))
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        deadline = _now() + LINGER_SECONDS
-        drained = 0
-        while drained < LINGER_BYTES:
-            remaining = deadline - _now()
-            if remaining <= 0:
-                break
-            sock.settimeout(remaining)
-            chunk = sock.recv(RECV_SIZE)
-            if not chunk:
-                break
-            drained += len(chunk)
-    except OSError:
-        pass  # reset or timed out: nothing more to save
-    sock.close()
+        Draining before close() matters: closing a socket with unread input
+        makes the kernel send RST, which can destroy the reply in flight.
+        """
+        conn = self.request
+        sock = conn.sock
+        if final is not None:
+            conn.send_last(final, min(conn.send_timeout, LINGER_SECONDS))
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            deadline = _now() + LINGER_SECONDS
+            drained = 0
+            while drained < LINGER_BYTES:
+                remaining = deadline - _now()
+                if remaining <= 0:
+                    break
+                sock.settimeout(remaining)
+                chunk = sock.recv(RECV_SIZE)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except OSError:
+            pass  # reset or timed out: nothing more to save
+        sock.close()
 
 
 class EchoServer(socketserver.TCPServer):
@@ -352,8 +354,8 @@ class EchoServer(socketserver.TCPServer):
         self.refusal_log = BurstLog()
         self._proxy_versions = None if settings.proxy_protocol == "off" else settings.proxy_protocol
         self._proxy_trusted = AccessList(allow=settings.proxy_trusted)
-        # Whether connections pass _admit() at all: nothing to do costs nothing.
-        self._gated = self._proxy_versions is not None or bool(
+        # Whether connections pass admit() at all: nothing to do costs nothing.
+        self.gated = self._proxy_versions is not None or bool(
             policy.allow or policy.deny or policy.max_per_source or policy.connect_rate
         )
         if listener is not None:
@@ -468,8 +470,7 @@ class EchoServer(socketserver.TCPServer):
     def _run_handler(self, conn: Connection, address: Any) -> None:
         self.log.debug("connection_opened", client=conn.id, peer=conn.peer)
         try:
-            if not self._gated or self._admit(conn, address):
-                self.RequestHandlerClass(conn, conn.peer, self)
+            self.RequestHandlerClass(conn, address, self)
         except Exception:
             conn.end_reason = "error"
             self.handle_error(conn, conn.peer)
@@ -480,7 +481,7 @@ class EchoServer(socketserver.TCPServer):
         finally:
             if conn.admitted is not None:
                 self.admission.release(conn.admitted)
-            refused = conn.end_reason in REASONS  # told by _admit; never served
+            refused = conn.end_reason in REASONS  # refused by admit(): never served
             self.registry.remove(conn, refused=refused)
             if not refused:
                 extra = {} if conn.via is None else {"via": conn.via}
@@ -499,34 +500,35 @@ class EchoServer(socketserver.TCPServer):
 
     # -- admission: the PROXY header, then who may connect ---------------------------
 
-    def _admit(self, conn: Connection, address: Any) -> bool:
-        """Read the PROXY header (``--proxy-protocol``), then apply the admission rules.
+    def admit(self, conn: Connection, address: Any) -> None:
+        """The PROXY header (``--proxy-protocol``), then the admission rules; the pre-serve step.
 
-        Runs in the client's handler thread before it is served. Returns
-        True to serve. Otherwise the connection is finished: told why (the
-        PROXY refusals are told nothing), closed, and its ``end_reason`` is
-        the refusal's reason, one of :data:`~echod.admission.REASONS`, or how
-        it ended meanwhile (a kick, a shutdown).
+        Runs in the client's handler thread (:meth:`EchoHandler.setup`). A
+        client that may not be served is ended with its refusal's line (the
+        PROXY refusals get none) and reason, one of
+        :data:`~echod.admission.REASONS`, and logged as ``client_refused``;
+        :meth:`EchoHandler.handle` then closes it. One kicked or shut down
+        meanwhile keeps that reason.
         """
         host = str(address[0])
         if self._proxy_versions is not None:
             if not self._proxy_trusted.allows(normalize(host)):
-                return self._refuse(conn, self.admission.refuse("proxy_untrusted"))
+                self._refuse(conn, self.admission.refuse("proxy_untrusted"))
+                return
             header = self._read_proxy_header(conn, self._proxy_versions)
             if not isinstance(header, proxy.Header):
-                if conn.end_reason is not None:  # kicked or shut down while waiting
-                    conn.sock.close()
-                    return False
-                return self._refuse(conn, self.admission.refuse("proxy_header"), header)
+                if conn.end_reason is None:  # not kicked or shut down while waiting
+                    self._refuse(conn, self.admission.refuse("proxy_header"), header)
+                return
             if header.source is not None:
                 conn.via = conn.peer
                 conn.peer = format_peer(header.source)
                 host = header.source[0]
         verdict = self.admission.admit(normalize(host))
         if isinstance(verdict, Refused):
-            return self._refuse(conn, verdict)
-        conn.admitted = verdict
-        return True
+            self._refuse(conn, verdict)
+        else:
+            conn.admitted = verdict
 
     def _read_proxy_header(self, conn: Connection, versions: str) -> proxy.Header | str:
         """The PROXY header, or why there is none, within ``--proxy-timeout``.
@@ -572,9 +574,10 @@ class EchoServer(socketserver.TCPServer):
             except OSError:
                 pass
 
-    def _refuse(self, conn: Connection, refused: Refused, detail: str | None = None) -> bool:
-        """Tell a client it is not served (if its refusal has a line), log it, close. False."""
-        conn.end_reason = refused.reason
+    def _refuse(self, conn: Connection, refused: Refused, detail: str | None = None) -> None:
+        """End a client that is not served with its refusal's line, and log it."""
+        if not conn.end(refused.line or None, refused.reason):
+            return  # ended meanwhile, for another reason
         if self.refusal_log.should_log(refused.reason):
             extra: dict[str, Any] = {} if conn.via is None else {"via": conn.via}
             if detail is not None:
@@ -582,11 +585,6 @@ class EchoServer(socketserver.TCPServer):
             self.log.warning(
                 "client_refused", reason=refused.reason, client=conn.id, peer=conn.peer, **extra
             )
-        if refused.line:
-            finish(conn, refused.line)
-        else:
-            conn.sock.close()  # no reply: a balancer or a stranger is told nothing
-        return False
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """One structured line instead of socketserver's traceback on stderr."""
