@@ -69,6 +69,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from echod import protocol
+from echod.admission import REASONS, Admission, Policy
 from echod.config import Settings
 from echod.logs import Logger, get_logger
 from echod.registry import Client, Registry, Stats
@@ -83,6 +84,7 @@ class Target(Client, Protocol):
     """What a command needs of a connected client (echod.connection.Connection)."""
 
     peer: str
+    via: str | None  # the proxy, when a PROXY header named the client
     started: float  # monotonic
     last_active: float  # monotonic
 
@@ -99,6 +101,9 @@ class Operated(Protocol):
 
     @property
     def settings(self) -> Settings: ...
+
+    @property
+    def admission(self) -> Admission: ...
 
     def request_stop(self, reason: str) -> None: ...
 
@@ -156,6 +161,8 @@ class StatsSample:
 
     stats: Stats
     settings: Settings
+    refused: dict[str, int]  # admission refusals by reason
+    source_groups: int
 
 
 class Commands(Generic[T]):
@@ -167,11 +174,14 @@ class Commands(Generic[T]):
         settings: Settings,
         stop: Callable[[], None],
         log: Logger | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.registry = registry
         self.settings = settings
         self.stop = stop
         self.log: Logger = log if log is not None else get_logger(source="console")
+        # The server's admission state, for /stats (a fresh one counts nothing).
+        self.admission = admission if admission is not None else Admission(Policy())
 
     @property
     def max_command(self) -> int:
@@ -216,7 +226,10 @@ class Commands(Generic[T]):
         return f"ERR command too long (operator text is at most {self.settings.max_line} bytes)"
 
     def sample(self) -> StatsSample:
-        return StatsSample(self.registry.stats(), self.settings)
+        admission = self.admission
+        return StatsSample(
+            self.registry.stats(), self.settings, dict(admission.refused), admission.groups()
+        )
 
     # -- helpers -----------------------------------------------------------
 
@@ -281,7 +294,11 @@ class Commands(Generic[T]):
         clients = self.registry.snapshot()
         now = time.monotonic()
         rows = [
-            " ".join(f"{name}={value(client, now)}" for name, value in LIST_FIELDS)
+            " ".join(
+                f"{name}={shown}"
+                for name, value in LIST_FIELDS
+                if (shown := value(client, now)) is not None  # a field a client lacks
+            )
             for client in clients
         ]
         self.log.info("operator_command", command="list", ok=True, clients=len(rows))
@@ -344,7 +361,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "list",
         "/list",
-        "one client a line: id addr age idle bytes_in/out lines_in/out",
+        "one client a line: id addr [via] age idle bytes_in/out lines_in/out",
         Commands._list,
     ),
     Command(
@@ -360,10 +377,12 @@ COMMANDS: tuple[Command, ...] = (
 _BY_NAME = {command.name: command for command in COMMANDS}
 HELP = tuple(f"{command.usage:<19} {command.help}" for command in COMMANDS)
 
-# The fields of one /list row, in order: name, and its value for (client, monotonic now).
+# The fields of one /list row, in order: name, and its value for (client,
+# monotonic now); a field whose value is None is left out of that row.
 LIST_FIELDS: tuple[tuple[str, Callable[[Target, float], object]], ...] = (
     ("id", lambda c, now: c.id),
     ("addr", lambda c, now: c.peer),
+    ("via", lambda c, now: c.via),
     ("age", lambda c, now: f"{now - c.started:.1f}s"),
     # last_active is stamped by the janitor, so it can be a little ahead of "now"
     ("idle", lambda c, now: f"{max(0.0, now - c.last_active):.1f}s"),
@@ -390,6 +409,9 @@ STATS: tuple[tuple[str, Callable[[StatsSample], object]], ...] = (
     ("send_timeout", lambda s: f"{s.settings.send_timeout:g}s"),
     ("shutdown_timeout", lambda s: f"{s.settings.shutdown_timeout:g}s"),
     ("backlog", lambda s: s.settings.backlog),
+    # One line per refusal reason, also when 0, so a scraper sees every name.
+    *((f"refused_{reason}", lambda s, r=reason: s.refused[r]) for reason in REASONS),
+    ("source_groups", lambda s: s.source_groups),
 )
 
 
@@ -434,5 +456,9 @@ class CommandLines:
 def commands_for(service: Operated, log: Logger) -> Commands[Any]:
     """The interpreter wired to a running service."""
     return Commands(
-        service.registry, service.settings, lambda: service.request_stop("operator"), log
+        service.registry,
+        service.settings,
+        lambda: service.request_stop("operator"),
+        log,
+        service.admission,
     )

@@ -108,6 +108,7 @@ class Service:
         sockets = systemd.listen_sockets()  # socket activation: serve what systemd passed
         adopted = sockets[0] if sockets else None
         self.server = EchoServer(settings, self.registry, listener=adopted)
+        self.admission = self.server.admission  # its refusal counts, for /stats
         self.socket_activated = adopted is not None
         self._stop_reason: str | None = None
         self._signals: list[int] = []

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from echod.admission import Rate, normalize, parse_entry
+from echod.commands import Commands
 from tests.helpers import (
     TIMEOUT,
     CapturedLogs,
@@ -439,3 +440,57 @@ def test_many_threads_many_sources(make_server: MakeServer) -> None:
         t.join(TIMEOUT * 3)
     assert not errors
     wait_for(lambda: srv.server.admission.groups() == 0)
+
+
+# -- what the operator sees --------------------------------------------------------------
+
+
+def operator(srv: RunningServer) -> Commands[Any]:
+    return Commands(srv.registry, srv.settings, lambda: None, admission=srv.server.admission)
+
+
+def test_list_shows_via_and_stats_count_refusals(make_server: MakeServer, clients: Any) -> None:
+    srv = make_server(
+        proxy_protocol="v1",
+        proxy_trusted=nets("127.0.0.2"),
+        deny=nets("198.51.100.0/24"),
+        max_per_source=1,
+        max_connect_rate=Rate(100, 1),
+    )
+    proxied = clients(srv.port)
+    proxied.send(v1("192.0.2.1", 4242) + b"x\n")
+    assert proxied.readline() == b"x\n"
+    for source in ("198.51.100.1", "192.0.2.1"):  # denied, then over the per-source limit
+        c = clients(srv.port)
+        c.send(v1(source, 1))
+        assert c.read_all().startswith(b"ERR ")
+    untrusted = clients(srv.port, "127.0.0.3")
+    assert untrusted.read_all() == b""
+    garbled = clients(srv.port)
+    garbled.send(b"hello\n")
+    assert garbled.read_all() == b""
+    wait_for(lambda: len(srv.registry) == 1)
+
+    listed = operator(srv).execute("/list").split("\n")
+    assert listed[0] == "OK 1 client"
+    assert listed[1].startswith(f"id=1 addr=192.0.2.1:4242 via=127.0.0.2:{proxied.port} age=")
+    answer = operator(srv).execute("/stats").split("\n")
+    stats = dict(line.split("=", 1) for line in answer[1:])
+    assert {k: v for k, v in stats.items() if k.startswith("refused_")} == {
+        "refused_access_denied": "1",
+        "refused_per_source": "1",
+        "refused_connect_rate": "0",
+        "refused_proxy_untrusted": "1",
+        "refused_proxy_header": "1",
+    }
+    assert stats["rejected"] == "4"
+    assert stats["source_groups"] == "1"  # 192.0.2.1; the denied source took no entry
+
+
+def test_list_rows_without_a_header_have_no_via(make_server: MakeServer, clients: Any) -> None:
+    srv = make_server()
+    c = clients(srv.port)
+    assert served(c)
+    (row,) = operator(srv).execute("/list").split("\n")[1:]
+    assert row.startswith(f"id=1 addr=127.0.0.2:{c.port} age=")
+    assert "via=" not in row

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from echod.admission import Admission, Policy
 from echod.config import Settings
 from echod.connection import Connection
 from echod.control import ControlServer
@@ -273,6 +274,12 @@ def test_stats_counters(
             "send_timeout": "10s",
             "shutdown_timeout": "5s",
             "backlog": "4096",
+            "refused_access_denied": "0",  # admission control is off
+            "refused_per_source": "0",
+            "refused_connect_rate": "0",
+            "refused_proxy_untrusted": "0",
+            "refused_proxy_header": "0",
+            "source_groups": "0",
         }
         assert float(stats["uptime"].removesuffix("s")) >= 0
     finally:
@@ -493,6 +500,7 @@ class _NoService:
 
     registry: Any = None
     settings = Settings(control_socket=None)
+    admission = Admission(Policy())
 
     def request_stop(self, reason: str) -> None:
         raise AssertionError("not expected")

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from echod.admission import Admission, Policy
 from echod.console import StdinConsole
 from tests.unit.test_commands import TIMEOUT, Rig, make_rig, rig
 
@@ -22,11 +23,12 @@ __all__ = ["make_rig", "rig"]  # fixtures, used by name
 
 
 class FakeService:
-    """The three things StdinConsole takes from the service."""
+    """What StdinConsole takes from the service."""
 
     def __init__(self, rig: Rig) -> None:
         self.registry = rig.registry
         self.settings = rig.settings
+        self.admission = Admission(Policy())
         self.stops: list[str] = []
 
     def request_stop(self, reason: str) -> None:
