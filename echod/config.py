@@ -254,6 +254,13 @@ def option(
     return field(default=default, metadata=info)
 
 
+def _list(help: str, kind: Kind[Any], metavar: str) -> Any:
+    """A repeatable option, empty unless given: each use adds one item."""
+    return option(
+        help, default_factory=tuple, kind=kind, metavar=metavar, repeatable=True, shown="—"
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the server needs to know, validated; each field is one option."""
@@ -369,13 +376,8 @@ class Settings:
         kind=choice("off", *proxy.VERSIONS),
         metavar="{off,v1,v2,any}",
     )
-    proxy_trusted: tuple[IPNetwork, ...] = option(
-        "a network of load balancers that may send the PROXY header",
-        default_factory=tuple,
-        kind=CIDR,
-        metavar="CIDR",
-        repeatable=True,
-        shown="—",
+    proxy_trusted: tuple[IPNetwork, ...] = _list(
+        "a network of load balancers that may send the PROXY header", CIDR, "CIDR"
     )
     proxy_timeout: float = option(
         "the PROXY header must be complete this many seconds after the connect",
@@ -383,37 +385,17 @@ class Settings:
         kind=duration(allow_zero=False),
         metavar="SECONDS",
     )
-    allow: tuple[IPNetwork, ...] = option(
-        "serve only clients that match an allow entry (an address or CIDR network)",
-        default_factory=tuple,
-        kind=CIDR,
-        metavar="CIDR",
-        repeatable=True,
-        shown="—",
+    allow: tuple[IPNetwork, ...] = _list(
+        "serve only clients that match an allow entry (an address or CIDR network)", CIDR, "CIDR"
     )
-    deny: tuple[IPNetwork, ...] = option(
-        "refuse clients that match, unless a more specific allow entry does",
-        default_factory=tuple,
-        kind=CIDR,
-        metavar="CIDR",
-        repeatable=True,
-        shown="—",
+    deny: tuple[IPNetwork, ...] = _list(
+        "refuse clients that match, unless a more specific allow entry does", CIDR, "CIDR"
     )
-    allow_file: tuple[Path, ...] = option(
-        "allow entries from a file, one a line, # comments; joins --allow in one list",
-        default_factory=tuple,
-        kind=PATH,
-        metavar="PATH",
-        repeatable=True,
-        shown="—",
+    allow_file: tuple[Path, ...] = _list(
+        "allow entries from a file, one a line, # comments; joins --allow in one list", PATH, "PATH"
     )
-    deny_file: tuple[Path, ...] = option(
-        "deny entries from a file, one a line, # comments; joins --deny in one list",
-        default_factory=tuple,
-        kind=PATH,
-        metavar="PATH",
-        repeatable=True,
-        shown="—",
+    deny_file: tuple[Path, ...] = _list(
+        "deny entries from a file, one a line, # comments; joins --deny in one list", PATH, "PATH"
     )
     max_per_source: int = option(
         "most connections one source group holds at once (0 = no limit)",
