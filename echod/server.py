@@ -13,6 +13,20 @@ how writes and endings work), registered in the
 :class:`~echod.registry.Registry` by the accepting thread *before* its
 handler thread starts, so ``--max-clients`` is exact.
 
+Before a client is served, :meth:`EchoHandler.setup` runs admission control
+in its thread (:meth:`EchoServer.admit`): with ``--proxy-protocol`` the peer
+must be in ``--proxy-trusted`` and send its PROXY header
+(:mod:`echod.proxy`) within ``--proxy-timeout``, and the header's source
+becomes the client; then :class:`~echod.admission.Admission` applies the
+allow/deny lists, the connect rate and the per-source count. A refused
+client is ended with its one line (none for the PROXY refusals) and logged
+as ``client_refused``, at most :data:`~echod.admission.LOG_PER_SECOND` a
+second per reason (the janitor logs the rest as ``client_refused_burst``).
+The handler thread's ``finally`` releases the per-source count, however the
+connection ends. ``--max-line-rate`` paces a client's lines
+(``EchoHandler._paced``): its handler stops reading while it waits, so TCP
+slows the client and nothing is lost.
+
 Timeouts are not kept on the sockets: the handler's ``recv`` blocks without
 one, which keeps the hot path to one ``recv`` and one ``send`` per burst, and
 the handler reads no clock. Reads start small and grow to :data:`RECV_SIZE`
