@@ -25,7 +25,7 @@ Rules (the flags are in README.md):
   holds a /64, so a per-address limit would be no limit). ``--max-per-source``
   bounds the connections a group holds at once; ``--max-connect-rate N/S`` is
   a token bucket per group: bursts of N, refilled at N per S seconds, one
-  token per admitted-so-far attempt.
+  token per attempt that passed the access list.
 - Checks run in this order: the access list, the connect rate, the
   per-source count. A connection refused by the count still spent a token:
   it was an attempt like any other, and a client hammering at its limit is
@@ -370,7 +370,7 @@ class Admission:
             return len(self._groups)
 
     def connections(self, address: IPAddress) -> int:
-        """Connections the address's group holds now (for tests and ``/stats``)."""
+        """Connections the address's group holds now."""
         with self._lock:
             group = self._groups.get(self.group_of(address))
             return group.connections if group is not None else 0
