@@ -195,6 +195,20 @@ def choice(*names: str) -> Kind[str]:
     return Kind(str, check)
 
 
+def split_host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9100`` for IPv6) as its host and port; raises InvalidValue."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise InvalidValue(f"{text!r} is not HOST:PORT (such as 127.0.0.1:9100)")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise InvalidValue(f"{text!r}: write an IPv6 address in brackets, as [::1]:9100")
+    return _host(host), int_range(0, 65535).parse(port)
+
+
+def _check_listen(text: str) -> None:
+    split_host_port(text)
+
+
 TEXT: Kind[str] = Kind(str)
 PATH: Kind[Path] = Kind(parse_path)
 
@@ -279,6 +293,7 @@ class Settings:
         1024,
         kind=int_range(1, 1 << 20),
         metavar="BYTES",
+        reloadable=True,
     )
     foreground: bool = option("stay attached to the terminal and log to stderr", False)
     console: bool | None = option(
@@ -287,15 +302,22 @@ class Settings:
         negatable=True,
         shown="on with `--foreground` on a TTY",
     )
-    chat: bool = option("also relay each client's lines to every other client", False)
+    chat: bool = option(
+        "also relay each client's lines to every other client", False, reloadable=True
+    )
     log_level: str = option(
-        "least severe event to log", "info", kind=Kind(str.lower, _check_log_level), metavar="LEVEL"
+        "least severe event to log",
+        "info",
+        kind=Kind(str.lower, _check_log_level),
+        metavar="LEVEL",
+        reloadable=True,
     )
     log_format: str = option(
         "console (colours on a TTY) or json; default: console on a TTY, json otherwise",
         "auto",
         kind=choice("auto", "console", "json"),
         metavar="{auto,console,json}",
+        reloadable=True,
     )
     log_file: Path | None = option(
         "log file when detached (JSON lines; SIGHUP reopens it); "
@@ -336,31 +358,39 @@ class Settings:
         shown="—",
     )
     max_clients: int = option(
-        "most clients connected at once; more are refused", 1000, kind=int_range(1), metavar="N"
+        "most clients connected at once; more are refused",
+        1000,
+        kind=int_range(1),
+        metavar="N",
+        reloadable=True,
     )
     idle_timeout: float = option(
         "close a client silent this many seconds (0 = never)",
         300.0,
         kind=duration(allow_zero=True),
         metavar="SECONDS",
+        reloadable=True,
     )
     line_timeout: float = option(
         "close a client whose unfinished line is this old (0 = never)",
         60.0,
         kind=duration(allow_zero=True),
         metavar="SECONDS",
+        reloadable=True,
     )
     send_timeout: float = option(
         "drop a client that cannot take its bytes within this many seconds",
         10.0,
         kind=duration(allow_zero=False),
         metavar="SECONDS",
+        reloadable=True,
     )
     shutdown_timeout: float = option(
         "longest a graceful stop waits for clients to be closed",
         5.0,
         kind=duration(allow_zero=False),
         metavar="SECONDS",
+        reloadable=True,
     )
     backlog: int = option(
         # A burst that overflows it stalls clients for seconds (docs/limits.md).
@@ -368,6 +398,13 @@ class Settings:
         4096,
         kind=int_range(1, 65535),
         metavar="N",
+    )
+    metrics_listen: str | None = option(
+        "serve Prometheus metrics over HTTP on this address (off by default)",
+        None,
+        kind=Kind(str, _check_listen),
+        metavar="HOST:PORT",
+        shown="off",
     )
 
     proxy_protocol: str = option(
@@ -511,12 +548,16 @@ def add_arguments(parser: argparse.ArgumentParser, options: tuple[Option, ...] =
         )
 
 
-def settings_from_namespace(ns: argparse.Namespace) -> Settings:
-    """Build validated :class:`Settings` from parsed arguments (only those given)."""
+def given_values(ns: argparse.Namespace) -> dict[str, Any]:
+    """The options given in parsed arguments (unset ones are absent), as Settings takes them."""
     names = {opt.name: opt for opt in OPTIONS}
-    values: dict[str, Any] = {
+    return {
         name: tuple(value) if names[name].repeatable else value
         for name, value in vars(ns).items()
         if name in names
     }
-    return Settings(**values)
+
+
+def settings_from_namespace(ns: argparse.Namespace) -> Settings:
+    """Build validated :class:`Settings` from parsed arguments (only those given)."""
+    return Settings(**given_values(ns))

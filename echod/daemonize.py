@@ -59,6 +59,7 @@ import daemon.daemon  # type: ignore[import-untyped]
 
 from echod import logs
 from echod.config import Settings, default_log_file, default_pidfile
+from echod.configfile import Source
 from echod.errors import EchodError, StartupError
 from echod.pidfile import Pidfile, is_alive, make_dir
 from echod.privileges import drop_privileges, resolve_account
@@ -195,8 +196,11 @@ def _signal_map() -> dict[int, object]:
     return signal_map
 
 
-def run_detached(settings: Settings) -> int:
-    """Start echod as a daemon; return 0 once it serves. See the module docstring."""
+def run_detached(settings: Settings, source: Source | None = None) -> int:
+    """Start echod as a daemon; return 0 once it serves. See the module docstring.
+
+    ``source``: where ``settings`` came from, for reloads.
+    """
     account = resolve_account(settings.user, settings.group)
     _ensure_stdio()
     inherited = _open_fds()
@@ -210,7 +214,7 @@ def run_detached(settings: Settings) -> int:
     service: Service | None = None
     try:
         pidfile.acquire()
-        service = Service(settings, log_file=log_file)
+        service = Service(settings, log_file=log_file, source=source)
         if account is not None:
             drop_privileges(account, chown=[log_path])
         if threading.active_count() != 1:  # fork copies only the calling thread

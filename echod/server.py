@@ -178,7 +178,6 @@ class EchoHandler(socketserver.BaseRequestHandler):
         server = self.server
         proto = conn.proto
         recv = conn.sock.recv
-        relay = server.settings.chat
         rate = server.settings.max_line_rate
         pace = TokenBucket(rate, rate, _now()) if rate else None  # --max-line-rate: bursts of N
         reason = "eof"
@@ -209,6 +208,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
                     events = proto.feed(data)
                 else:
                     events = proto.end_of_input()
+                relay = server.settings.chat  # per read, so a reload reaches every client
                 for event in events:
                     if type(event) is protocol.Echo:
                         if pace is not None:
@@ -675,15 +675,18 @@ class EchoServer(socketserver.TCPServer):
             self._janitor.start()
 
     def _janitor_loop(self) -> None:
-        s = self.settings
-        limits = [t for t in (s.idle_timeout, s.line_timeout, s.send_timeout) if t > 0]
-        tick = min(1.0, max(0.05, min(limits) / 10))
-        while not self._janitor_stop.wait(tick):
+        while not self._janitor_stop.wait(self._janitor_tick()):
             self._janitor_rounds += 1
             try:
                 self.check_timeouts()
             except Exception:
                 self.log.error("janitor_error", exc_info=True)
+
+    def _janitor_tick(self) -> float:
+        """A tenth of the shortest timeout, from 0.05 to 1 s; read anew after each tick."""
+        s = self.settings
+        limits = [t for t in (s.idle_timeout, s.line_timeout, s.send_timeout) if t > 0]
+        return min(1.0, max(0.05, min(limits) / 10))
 
     def check_timeouts(self) -> None:
         """End connections that are idle, trickling a line, or not reading."""
@@ -709,6 +712,22 @@ class EchoServer(socketserver.TCPServer):
                 conn.end(protocol.error_line("line timeout"), "line_timeout")
             elif s.idle_timeout and now - conn.last_active >= s.idle_timeout:
                 conn.end(protocol.error_line("idle timeout"), "idle_timeout")
+
+    # -- reloading -------------------------------------------------------
+
+    def apply(self, settings: Settings) -> None:
+        """Serve by reloaded ``settings`` from now on (see :mod:`echod.reload`).
+
+        Read when used: ``max_clients`` at each accept (lowering it refuses
+        new clients and ends nobody), the timeouts at each janitor tick (for
+        every client), ``chat`` at each read, ``max_line`` for clients that
+        connect from now on (a line being read keeps the limit it started
+        under). ``send_timeout`` is also copied to every connected client,
+        whose handler waits by it.
+        """
+        self.settings = settings
+        for conn in self.registry.snapshot():
+            conn.send_timeout = settings.send_timeout
 
     # -- stopping --------------------------------------------------------
 

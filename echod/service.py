@@ -7,8 +7,9 @@ socket, the control socket), and :meth:`Service.run` serves.
 Lifecycle of :meth:`Service.run`, in order:
 
 1. Install signal handlers. They only record the signal and wake the main
-   loop (SIGTERM/SIGINT: stop; SIGHUP: reopen the log file). A second stop
-   signal while stopping exits at once, status 1.
+   loop (SIGTERM/SIGINT: stop; SIGHUP: reopen the log file, then reload the
+   config file, :mod:`echod.reload`). A second stop signal while stopping
+   exits at once, status 1.
 2. Start the accept loop and the janitor in a thread (``serve_forever``).
 3. Start the operator interfaces: the control socket, and the stdin console
    when asked for.
@@ -36,21 +37,25 @@ server. ``run`` must be called from the main thread (signal handlers).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import select
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
 
-from echod import systemd
+from echod import logs, systemd
 from echod.config import Settings
+from echod.configfile import Source
 from echod.connection import Connection
 from echod.console import StdinConsole
 from echod.control import ControlServer
 from echod.logs import LogFile, Logger, get_logger
 from echod.registry import Registry
+from echod.reload import Commit, Outcome, Reloader, ReloadError
 from echod.server import EchoServer
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -99,9 +104,11 @@ def _notify_status(clients: int) -> None:
 class Service:
     """One echod instance: a server, its operator interfaces and its lifecycle."""
 
-    def __init__(self, settings: Settings, log_file: LogFile | None = None) -> None:
-        self.settings = settings
+    def __init__(
+        self, settings: Settings, log_file: LogFile | None = None, source: Source | None = None
+    ) -> None:
         self.log: Logger = get_logger()
+        self.reloader = Reloader(settings, source, self.log)
         self.log_file = log_file
         self.nofile_limit = raise_nofile_limit(settings.max_clients, self.log)
         self.registry: Registry[Connection] = Registry()
@@ -117,6 +124,35 @@ class Service:
         if systemd.notifying():
             self.registry.on_change = _notify_status
         self.control = self._open_control()
+        self.reloader.add(self._apply_logging)
+        self.reloader.add(lambda old, new: lambda: self.server.apply(new))
+        self.reloader.add(self._apply_max_clients)
+
+    @property
+    def settings(self) -> Settings:
+        """The settings in force: those of the last reload."""
+        return self.reloader.current
+
+    # -- reloading -----------------------------------------------------------
+
+    def reload(self, trigger: str = "operator") -> Outcome:
+        """Re-read the config file and apply it; raises :class:`ReloadError`, changing nothing."""
+        return self.reloader.reload(trigger)
+
+    def _apply_logging(self, old: Settings, new: Settings) -> Commit | None:
+        if (old.log_level, old.log_format) == (new.log_level, new.log_format):
+            return None
+        stream = self.log_file if self.log_file is not None else sys.stderr
+        return lambda: logs.configure(new.log_level, new.log_format, stream)
+
+    def _apply_max_clients(self, old: Settings, new: Settings) -> Commit | None:
+        if new.max_clients <= old.max_clients:
+            return None
+
+        def commit() -> None:
+            self.nofile_limit = raise_nofile_limit(new.max_clients, self.log)
+
+        return commit
 
     # -- operator interfaces ------------------------------------------------
 
@@ -216,7 +252,7 @@ class Service:
             while self._signals:
                 signum = self._signals.pop(0)
                 if signum == signal.SIGHUP:
-                    self._reopen_logs()
+                    self._on_sighup()
                 else:
                     self.request_stop(signal.Signals(signum).name)
 
@@ -231,16 +267,26 @@ class Service:
             self.log.warning("watchdog_withheld", stalled=dog.stalled, every=dog.every)
         return min(wait, MAIN_LOOP_WAKE)
 
-    def _reopen_logs(self) -> None:
-        if self.log_file is None:
-            self.log.info("sighup_ignored", detail="no log file to reopen")
+    def _on_sighup(self) -> None:
+        """Reopen the log file (for logrotate), then reload the config file; each if any."""
+        source = self.reloader.source
+        has_config = source is not None and source.path is not None
+        if self.log_file is None and not has_config:
+            self.log.info("sighup_ignored", detail="no log file to reopen, no config file to read")
             return
+        if self.log_file is not None:
+            self._reopen_logs(self.log_file)
+        if has_config:
+            with contextlib.suppress(ReloadError):  # logged as config_reload_failed
+                self.reload("SIGHUP")
+
+    def _reopen_logs(self, log_file: LogFile) -> None:
         try:
-            self.log_file.reopen()
+            log_file.reopen()
         except Exception as err:  # keep logging to the old file rather than die
-            self.log.error("log_reopen_failed", path=str(self.log_file.path), detail=str(err))
+            self.log.error("log_reopen_failed", path=str(log_file.path), detail=str(err))
             return
-        self.log.info("log_reopened", path=str(self.log_file.path))
+        self.log.info("log_reopened", path=str(log_file.path))
 
     def _shutdown(self) -> int:
         self._stopping = True
