@@ -267,6 +267,7 @@ class Commands(Generic[T]):
         line = self._text(text)
         if not client.push(line):
             raise CommandError(f"client {client.id} is disconnecting")
+        self.registry.count_operator_messages(1)
         self.log.info(
             "operator_command",
             command="send",
@@ -280,6 +281,7 @@ class Commands(Generic[T]):
         line = self._text(rest)
         clients = self.registry.snapshot()  # the lock is released before any send
         delivered = sum(1 for client in clients if client.push(line))
+        self.registry.count_operator_messages(delivered)
         self.log.info(
             "operator_command",
             command="broadcast",

@@ -10,16 +10,26 @@ cannot slow the console, a broadcast or any other client.
 Per-client traffic counters live on the client objects and are written only
 by the threads that move that client's bytes; :meth:`stats` adds them up
 with the totals of clients already gone, so the hot path never takes this
-lock.
+lock. What is counted here is counted once per connection (accepted,
+refused or closed, by reason, and how long it lasted) or once per operator
+message, never per line; the metrics endpoint (:mod:`echod.metrics`) only
+reads :meth:`stats`.
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
+
+# Upper bounds (seconds) of the connection-duration histogram: from a refused
+# or scripted client (milliseconds) to the sessions an idle timeout of up to
+# a day allows.
+DURATION_BUCKETS = (0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 6 * 3600.0, 86400.0)
 
 
 class Client(Protocol):
@@ -30,6 +40,8 @@ class Client(Protocol):
     bytes_out: int
     lines_in: int
     lines_out: int
+    started: float  # monotonic
+    end_reason: str | None  # why it ended (or was refused), once it has
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,11 @@ class Stats:
     bytes_in: int
     bytes_out: int
     uptime: float
+    refused: dict[str, int]  # rejected, by reason
+    closed: dict[str, int]  # served clients that left, by connection_closed reason
+    durations: tuple[int, ...]  # closed clients by DURATION_BUCKETS, not cumulative; + over
+    duration_sum: float
+    operator_messages: int  # lines pushed to clients by /send and /broadcast
 
 
 C = TypeVar("C", bound=Client)
@@ -58,6 +75,11 @@ class Registry(Generic[C]):
         self._rejected = 0
         # Traffic of clients that already left.
         self._gone = [0, 0, 0, 0]  # lines_in, lines_out, bytes_in, bytes_out
+        self._refused: Counter[str] = Counter()
+        self._closed: Counter[str] = Counter()
+        self._durations = [0] * (len(DURATION_BUCKETS) + 1)
+        self._duration_sum = 0.0
+        self._operator_messages = 0
         self._started = time.monotonic()
         self.on_change = on_change  # called with the new count, outside the lock
 
@@ -79,13 +101,23 @@ class Registry(Generic[C]):
         return count
 
     def remove(self, client: C, refused: bool = False) -> None:
-        """Unregister a client; ``refused``: it was never served (count it as rejected)."""
+        """Unregister a client that ended; ``refused``: it was never served (a rejection).
+
+        Either way it is counted by its ``end_reason``.
+        """
+        duration = time.monotonic() - client.started
+        reason = client.end_reason or "unknown"
         with self._lock:
             if self._clients.pop(client.id, None) is None:
                 return
             if refused:
                 self._accepted -= 1
                 self._rejected += 1
+                self._refused[reason] += 1
+            else:
+                self._closed[reason] += 1
+                self._durations[bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
+                self._duration_sum += duration
             gone = self._gone
             gone[0] += client.lines_in
             gone[1] += client.lines_out
@@ -95,11 +127,16 @@ class Registry(Generic[C]):
         if self.on_change is not None:
             self.on_change(count)
 
-    def reject(self) -> int:
-        """Count a refused connection; returns the total refused so far."""
+    def reject(self, reason: str) -> int:
+        """Count a connection refused before it was registered; returns the total so far."""
         with self._lock:
             self._rejected += 1
+            self._refused[reason] += 1
             return self._rejected
+
+    def count_operator_messages(self, lines: int) -> None:
+        with self._lock:
+            self._operator_messages += lines
 
     def get(self, client_id: int) -> C | None:
         with self._lock:
@@ -119,6 +156,9 @@ class Registry(Generic[C]):
             live = list(self._clients.values())
             lines_in, lines_out, bytes_in, bytes_out = self._gone
             accepted, rejected = self._accepted, self._rejected
+            refused, closed = dict(self._refused), dict(self._closed)
+            durations, duration_sum = tuple(self._durations), self._duration_sum
+            operator_messages = self._operator_messages
         for c in live:
             lines_in += c.lines_in
             lines_out += c.lines_out
@@ -133,4 +173,9 @@ class Registry(Generic[C]):
             bytes_in=bytes_in,
             bytes_out=bytes_out,
             uptime=time.monotonic() - self._started,
+            refused=refused,
+            closed=closed,
+            durations=durations,
+            duration_sum=duration_sum,
+            operator_messages=operator_messages,
         )

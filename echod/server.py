@@ -438,7 +438,7 @@ class EchoServer(socketserver.TCPServer):
         limit = self.settings.max_clients
         if len(self.registry) < limit:
             return True
-        rejected = self.registry.reject()
+        rejected = self.registry.reject("server_full")
         _refuse(request, protocol.error_line(f"server full (max {limit} clients)"))
         now = _now()
         if now - self._last_reject > 1.0:  # a new burst
@@ -473,6 +473,7 @@ class EchoServer(socketserver.TCPServer):
         try:
             thread.start()
         except RuntimeError as err:  # can't start new thread
+            conn.end_reason = "out_of_threads"
             self.registry.remove(conn, refused=True)
             _refuse(request, protocol.error_line("server busy, try again later"))
             self._exhausted_refused += 1
@@ -642,7 +643,7 @@ class EchoServer(socketserver.TCPServer):
             try:
                 self.socket.settimeout(0)
                 sock, _ = self.socket.accept()
-                self.registry.reject()
+                self.registry.reject("out_of_descriptors")
                 self._exhausted_refused += 1
                 _refuse(sock, protocol.error_line("server out of resources, try again later"))
             except OSError:

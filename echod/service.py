@@ -11,8 +11,8 @@ Lifecycle of :meth:`Service.run`, in order:
    config file, :mod:`echod.reload`). A second stop signal while stopping
    exits at once, status 1.
 2. Start the accept loop and the janitor in a thread (``serve_forever``).
-3. Start the operator interfaces: the control socket, and the stdin console
-   when asked for.
+3. Start the operator interfaces: the control socket, the metrics endpoint
+   (``metrics_listening``), and the stdin console when asked for.
 4. Announce readiness: the ``listening`` event, ``READY=1`` to systemd, and
    the ``on_ready`` callback (the detaching parent waits for it).
 5. Wait for a stop request: a signal, ``/shutdown``, or :meth:`request_stop`.
@@ -54,6 +54,7 @@ from echod.connection import Connection
 from echod.console import StdinConsole
 from echod.control import ControlServer
 from echod.logs import LogFile, Logger, get_logger
+from echod.metrics import MetricsServer, metrics_registry
 from echod.registry import Registry
 from echod.reload import Commit, Outcome, Reloader, ReloadError
 from echod.server import EchoServer
@@ -123,6 +124,7 @@ class Service:
         self._closers: list[Callable[[], None]] = []
         if systemd.notifying():
             self.registry.on_change = _notify_status
+        self.metrics = self._open_metrics()  # before the control socket: a file to clean up
         self.control = self._open_control()
         self.reloader.add(self._apply_logging)
         self.reloader.add(lambda old, new: lambda: self.server.apply(new))
@@ -164,6 +166,15 @@ class Service:
         control = ControlServer(path, self)
         self._closers.append(control.close)
         return control
+
+    def _open_metrics(self) -> MetricsServer | None:
+        """Bind --metrics-listen now, so a bad address fails before detaching."""
+        listen = self.settings.metrics_listen
+        if listen is None:
+            return None
+        server = MetricsServer(listen, metrics_registry(self.registry, lambda: self.settings))
+        self._closers.append(server.close)
+        return server
 
     def _start_console(self) -> None:
         console = StdinConsole(self)
@@ -213,6 +224,10 @@ class Service:
         serve.start()
         if self.control is not None:
             self.control.start()
+        if self.metrics is not None:
+            self.metrics.start()
+            host, port = self.metrics.address
+            self.log.info("metrics_listening", host=host, port=port)
         if self._console_wanted():
             self._start_console()
         s = self.settings

@@ -306,7 +306,7 @@ def test_stats_counts(make_rig: Callable[..., Rig]) -> None:
     a.conn.bytes_in, a.conn.lines_in, a.conn.bytes_out, a.conn.lines_out = 10, 2, 10, 2
     b.conn.bytes_in, b.conn.lines_in = 4, 1
     rig.registry.remove(b.conn)  # departed clients still count in the totals
-    rig.registry.reject()
+    rig.registry.reject("server_full")
     lines = rig.run("/stats").split("\n")
     assert lines[0] == "OK stats"
     stats = dict(line.split("=", 1) for line in lines[1:])

@@ -8,11 +8,12 @@ integration tests.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import pytest
 
-from echod.registry import Registry
+from echod.registry import DURATION_BUCKETS, Registry
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -24,10 +25,14 @@ class Rec:
     bytes_out: int = 0
     lines_in: int = 0
     lines_out: int = 0
+    started: float = field(default_factory=time.monotonic)
+    end_reason: str | None = None
 
 
 def new(reg: Registry[Rec], **counters: int) -> Rec:
-    rec = Rec(reg.next_id(), **counters)
+    rec = Rec(reg.next_id())
+    for name, value in counters.items():
+        setattr(rec, name, value)
     reg.add(rec)
     return rec
 
@@ -82,8 +87,8 @@ def test_stats_add_live_and_departed_clients() -> None:
     live = new(reg, bytes_in=100, bytes_out=200, lines_in=3, lines_out=4)
     reg.remove(gone)
     live.bytes_in += 1  # counters move on the client objects; stats read them live
-    assert reg.reject() == 1
-    assert reg.reject() == 2
+    assert reg.reject("server_full") == 1
+    assert reg.reject("server_full") == 2
     s = reg.stats()
     assert s.connected == 1
     assert s.total_accepted == 2
@@ -99,9 +104,39 @@ def test_a_refused_client_counts_as_rejected_not_accepted() -> None:
     reg: Registry[Rec] = Registry()
     new(reg)
     refused = new(reg)
+    refused.end_reason = "out_of_threads"
     reg.remove(refused, refused=True)
     s = reg.stats()
     assert (s.connected, s.total_accepted, s.rejected) == (1, 1, 1)
+    assert s.refused == {"out_of_threads": 1} and s.closed == {}
+    assert sum(s.durations) == 0  # never served: no duration
+
+
+def test_refusals_closes_and_durations_are_counted_by_reason() -> None:
+    reg: Registry[Rec] = Registry()
+    reg.reject("server_full")
+    reg.reject("server_full")
+    reg.reject("out_of_descriptors")
+    now = time.monotonic()
+    # Durations of 0.5 s, 30 s and 2 days: buckets le=1, le=60 and the overflow.
+    for reason, age in (("eof", 0.5), ("exit", 30.0), ("eof", 2 * 86400.0)):
+        rec = new(reg)
+        rec.started, rec.end_reason = now - age, reason
+        reg.remove(rec)
+    reg.count_operator_messages(1)
+    reg.count_operator_messages(3)
+    s = reg.stats()
+    assert s.refused == {"server_full": 2, "out_of_descriptors": 1}
+    assert s.rejected == 3
+    assert s.closed == {"eof": 2, "exit": 1}
+    bounds = (*DURATION_BUCKETS, float("inf"))
+    assert {bounds[i]: n for i, n in enumerate(s.durations) if n} == {
+        1.0: 1,
+        60.0: 1,
+        float("inf"): 1,
+    }
+    assert 2 * 86400 + 30.5 <= s.duration_sum < 2 * 86400 + 31.5
+    assert s.operator_messages == 4
 
 
 def test_uptime_grows() -> None:
