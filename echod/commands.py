@@ -73,6 +73,7 @@ from echod.admission import REASONS, Admission, Policy
 from echod.config import Settings
 from echod.logs import Logger, get_logger
 from echod.registry import Client, Registry, Stats
+from echod.reload import Outcome, ReloadError
 
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"  # byte-transparent: bytes -> str -> the same bytes
@@ -106,6 +107,8 @@ class Operated(Protocol):
     def admission(self) -> Admission: ...
 
     def request_stop(self, reason: str) -> None: ...
+
+    def reload(self, trigger: str) -> Outcome: ...
 
 
 T = TypeVar("T", bound=Target)
@@ -171,17 +174,23 @@ class Commands(Generic[T]):
     def __init__(
         self,
         registry: Registry[T],
-        settings: Settings,
+        settings: Callable[[], Settings],
         stop: Callable[[], None],
         log: Logger | None = None,
         admission: Admission | None = None,
+        reload: Callable[[], Outcome] | None = None,
     ) -> None:
         self.registry = registry
-        self.settings = settings
+        self._settings = settings  # called at each use: a reload replaces the settings
         self.stop = stop
+        self.reloader = reload
         self.log: Logger = log if log is not None else get_logger(source="console")
         # The server's admission state, for /stats (a fresh one counts nothing).
         self.admission = admission if admission is not None else Admission(Policy())
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings()
 
     @property
     def max_command(self) -> int:
@@ -331,6 +340,23 @@ class Commands(Generic[T]):
         self.log.info("operator_command", command="help", ok=True)
         return "\n".join(["OK commands", *HELP])
 
+    def _reload(self, rest: str) -> str:
+        self._no_args(rest)
+        if self.reloader is None:
+            raise CommandError("this console cannot reload")
+        try:
+            outcome = self.reloader()
+        except ReloadError as err:  # logged as config_reload_failed; nothing changed
+            raise CommandError(str(err)) from None
+        self.log.info(
+            "operator_command",
+            command="reload",
+            ok=True,
+            changed=list(outcome.changed),
+            needs_restart=list(outcome.needs_restart),
+        )
+        return "\n".join(["OK reloaded", *(f"needs restart: {k}" for k in outcome.needs_restart)])
+
     def _shutdown(self, rest: str) -> str:
         self._no_args(rest)
         self.log.info("operator_command", command="shutdown", ok=True)
@@ -373,6 +399,12 @@ COMMANDS: tuple[Command, ...] = (
         Commands._kick,
     ),
     Command("stats", "/stats", "server counters", Commands._stats),
+    Command(
+        "reload",
+        "/reload",
+        "re-read the config file and apply it (like SIGHUP)",
+        Commands._reload,
+    ),
     Command("help", "/help", "this list", Commands._help),
     Command("shutdown", "/shutdown", "stop echod gracefully, like SIGTERM", Commands._shutdown),
 )
@@ -459,8 +491,9 @@ def commands_for(service: Operated, log: Logger) -> Commands[Any]:
     """The interpreter wired to a running service."""
     return Commands(
         service.registry,
-        service.settings,
+        lambda: service.settings,
         lambda: service.request_stop("operator"),
         log,
         service.admission,
+        reload=lambda: service.reload("operator"),
     )

@@ -162,6 +162,7 @@ commands (the console commands without their slash):
   broadcast TEXT        push it to every client
   kick ID [REASON]      disconnect a client
   stats                 server counters
+  reload                re-read the config file (--config) and apply it
   shutdown              stop echod gracefully
   help                  the daemon's own list
 

@@ -82,7 +82,7 @@ def test_chat_relay_and_operator_pushes_mix_as_whole_lines(
     a, b = connect(server.port), connect(server.port)
     a_id = client_id(server, a)
     client_id(server, b)
-    commands = Commands(server.registry, server.settings, lambda: None)
+    commands = Commands(server.registry, lambda: server.settings, lambda: None)
     n = 200
     for i in range(n):
         a.send(b"chat-%03d\n" % i)

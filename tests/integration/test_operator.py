@@ -28,6 +28,7 @@ from echod.config import Settings
 from echod.connection import Connection
 from echod.control import ControlServer
 from echod.errors import StartupError
+from echod.reload import Outcome
 from echod.service import Service
 from tests.helpers import (
     TIMEOUT,
@@ -503,6 +504,9 @@ class _NoService:
     admission = Admission(Policy())
 
     def request_stop(self, reason: str) -> None:
+        raise AssertionError("not expected")
+
+    def reload(self, trigger: str) -> Outcome:
         raise AssertionError("not expected")
 
 

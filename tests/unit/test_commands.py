@@ -21,6 +21,7 @@ from echod.commands import HELP, CommandLines, Commands, decode
 from echod.config import Settings
 from echod.connection import Connection
 from echod.registry import Registry
+from echod.reload import Outcome, ReloadError
 from tests.helpers import LineReader
 
 pytestmark = pytest.mark.timeout(60)
@@ -70,7 +71,7 @@ def make_rig() -> Iterator[Callable[..., Rig]]:
         settings = Settings(**{"control_socket": None, **overrides})
         registry: Registry[Connection] = Registry()
         stops: list[str] = []
-        commands = Commands(registry, settings, lambda: stops.append("operator"))
+        commands = Commands(registry, lambda: settings, lambda: stops.append("operator"))
         rig = Rig(registry, settings, commands, stops)
         rigs.append(rig)
         return rig
@@ -437,3 +438,45 @@ def test_command_lines_refuse_a_long_line_once_and_skip_its_rest() -> None:
 
 def test_command_lines_limit_does_not_depend_on_how_bytes_arrive() -> None:
     assert CommandLines(8).feed(b"12345678\n123456789\n") == [b"12345678\n", None]
+
+
+def test_reload_answers_ok_with_a_line_per_key_that_needs_a_restart() -> None:
+    outcomes = [Outcome(("max_clients",), ("port", "backlog")), Outcome((), ())]
+    calls: list[int] = []
+
+    def reload() -> Outcome:
+        calls.append(1)
+        return outcomes[len(calls) - 1]
+
+    settings = Settings(control_socket=None)
+    commands: Commands[Connection] = Commands(
+        Registry(), lambda: settings, lambda: None, None, reload
+    )
+    assert commands.execute("/reload") == "OK reloaded\nneeds restart: port\nneeds restart: backlog"
+    assert commands.execute("/RELOAD") == "OK reloaded"
+    assert commands.execute("/reload now") == "ERR usage: /reload (no arguments)"
+    assert len(calls) == 2
+
+
+def test_reload_that_fails_is_one_err_line_and_without_a_reloader_too() -> None:
+    def reload() -> Outcome:
+        raise ReloadError("config file /x.toml, key max_clients: 0 is out of range")
+
+    settings = Settings(control_socket=None)
+    commands: Commands[Connection] = Commands(
+        Registry(), lambda: settings, lambda: None, None, reload
+    )
+    assert commands.execute("/reload") == (
+        "ERR config file /x.toml, key max_clients: 0 is out of range"
+    )
+    bare: Commands[Connection] = Commands(Registry(), lambda: settings, lambda: None)
+    assert bare.execute("/reload") == "ERR this console cannot reload"
+
+
+def test_commands_read_the_settings_in_force_at_each_use() -> None:
+    current = [Settings(control_socket=None, max_line=10)]
+    commands: Commands[Connection] = Commands(Registry(), lambda: current[0], lambda: None)
+    assert commands.execute("/broadcast " + "x" * 11) == "ERR text too long (11 bytes, max 10)"
+    current[0] = Settings(control_socket=None, max_line=20, max_clients=7)
+    assert commands.execute("/broadcast " + "x" * 11) == "OK sent to 0 clients"
+    assert "max_clients=7" in commands.execute("/stats").splitlines()

@@ -16,6 +16,7 @@ import pytest
 
 from echod.admission import Admission, Policy
 from echod.console import StdinConsole
+from echod.reload import Outcome, ReloadError
 from tests.unit.test_commands import TIMEOUT, Rig, make_rig, rig
 
 pytestmark = pytest.mark.timeout(60)
@@ -33,6 +34,9 @@ class FakeService:
 
     def request_stop(self, reason: str) -> None:
         self.stops.append(reason)
+
+    def reload(self, trigger: str) -> Outcome:
+        raise ReloadError("no config file here")
 
 
 def _read_all(fd: int) -> bytes:
