@@ -35,6 +35,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PORT = "7878"  # echod's default and echod.socket's ListenStream=
 UNITS = "/etc/systemd/system/echod.service /etc/systemd/system/echod.socket"
 DEFAULT_FILE = "/etc/default/echod"
+CONFIG_FILE = "/etc/echod/echod.toml"
+CTL = "echod ctl --control-socket /run/echod/control.sock"
 DROPIN = "/etc/systemd/system/echod.service.d/test.conf"
 MAX_EXPOSURE = 2.0
 WAIT = 30.0  # for systemd or the journal to catch up; never slept, only polled
@@ -72,6 +74,7 @@ def _install(m: Machine, wheels: Path) -> None:
     m.sh(
         "cd /root/echod"
         " && install -m 0644 systemd/echod.service systemd/echod.socket /etc/systemd/system/"
+        f" && install -D -m 0644 systemd/echod.toml {CONFIG_FILE}"
         f" && install -m 0644 systemd/echod.default {DEFAULT_FILE}"
     )
     m.run("systemctl", "daemon-reload")
@@ -88,6 +91,7 @@ def echod(machine: Machine) -> Machine:
     m.sh(
         f"rm -rf {os.path.dirname(DROPIN)}"
         f" && install -m 0644 /root/echod/systemd/echod.default {DEFAULT_FILE}"
+        f" && install -m 0644 /root/echod/systemd/echod.toml {CONFIG_FILE}"
     )
     m.run("systemctl", "daemon-reload")
     return m
@@ -231,6 +235,51 @@ def test_stop_is_graceful(echod: Machine) -> None:
         "success",
         "0",
     ), state
+
+
+def _stats(m: Machine) -> dict[str, str]:
+    out = m.sh(f"{CTL} stats").stdout
+    return dict(line.split("=", 1) for line in out.splitlines()[1:])
+
+
+def test_reload_applies_a_changed_config_and_refuses_a_broken_one(echod: Machine) -> None:
+    m = echod
+    m.run("systemctl", "start", "echod.service")
+    pid = _service(m)["MainPID"]
+    m.sh(f"echo 'max_clients = 1' >> {CONFIG_FILE}")
+    m.run("systemctl", "reload", "echod.service")
+    assert _stats(m)["max_clients"] == "1"
+    held = _hold(m)
+    try:
+        # The one slot is taken: the next client is refused, the held one stays.
+        refused = m.sh(f"printf 'x\\n' | nc -q1 127.0.0.1 {PORT}").stdout
+        assert refused == "ERR server full (max 1 clients)\n"
+        m.sh(f"echo 'max_clients = 0' > {CONFIG_FILE}")
+        failed = m.run("systemctl", "reload", "echod.service", check=False)
+        assert failed.returncode != 0
+        assert _stats(m)["max_clients"] == "1"  # nothing changed
+        entry = _wait(
+            "config_reload_failed in the journal",
+            lambda: _event_entry(_echod_lines(m), "config_reload_failed"),
+        )
+        assert entry["PRIORITY"] == "3"
+        assert "key max_clients: 0 is out of range" in entry["MESSAGE"]
+        assert _service(m)["MainPID"] == pid  # reloaded in place, never restarted
+    finally:
+        held.kill()
+        held.wait(timeout=WAIT)
+
+
+def test_metrics_endpoint_answers(echod: Machine) -> None:
+    m = echod
+    m.sh(f"echo 'metrics_listen = \"127.0.0.1:9100\"' >> {CONFIG_FILE}")
+    m.run("systemctl", "start", "echod.service")
+    assert m.client_run("echo", PORT) == "ok\n"
+    fetch = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:9100/metrics').read().decode())"
+    text = m.run("/opt/echod/bin/python", "-c", fetch).stdout
+    assert re.search(r"^echod_connections_accepted_total 1\.0$", text, re.M), text
+    # The sandbox (ProcSubset=pid, ProtectProc=invisible) still lets the library read /proc/self.
+    assert re.search(r"^process_cpu_seconds_total [0-9.e+-]+$", text, re.M), text
 
 
 def test_kill_9_is_restarted(echod: Machine) -> None:

@@ -51,6 +51,8 @@ SERVICE = UNIT_DIR / "echod.service"
 SOCKET = UNIT_DIR / "echod.socket"
 LOGROTATE = UNIT_DIR / "echod.logrotate"
 UNIT_ECHOD = "/usr/local/bin/echod"
+UNIT_CONFIG = "/etc/echod/echod.toml"  # where docs/deploy.md installs systemd/echod.toml
+UNIT_CONTROL = "/run/echod/control.sock"
 MAX_EXPOSURE = 2.0
 
 ANALYZE_TIMEOUT = 60.0
@@ -108,7 +110,7 @@ def _verify_copies(tmp_path: Path) -> tuple[Path, Path]:
             found = str(stub)
         replacement = found
     original = SERVICE.read_text()
-    assert original.count(UNIT_ECHOD) == 1
+    assert original.count(UNIT_ECHOD) == 2  # ExecStart=, ExecReload=
     service = units / "echod.service"
     service.write_text(original.replace(UNIT_ECHOD, replacement))
     socket_unit = units / "echod.socket"
@@ -170,8 +172,12 @@ def test_service_unit_requirements() -> None:
     text = SERVICE.read_text()
     assert _unit_value(text, "Type") == "notify"
     assert _unit_value(text, "ExecStart") == (
-        f"{UNIT_ECHOD} --foreground --log-format json "
-        "--control-socket /run/echod/control.sock $ECHOD_OPTS"
+        f"{UNIT_ECHOD} --foreground --config {UNIT_CONFIG} --control-socket {UNIT_CONTROL} "
+        "$ECHOD_OPTS"
+    )
+    # ctl exits 1 on ERR, so a broken config file makes `systemctl reload` fail.
+    assert _unit_value(text, "ExecReload") == (
+        f"{UNIT_ECHOD} ctl --control-socket {UNIT_CONTROL} reload"
     )
     assert _unit_value(text, "EnvironmentFile") == "-/etc/default/echod"
     assert _unit_value(text, "Restart") == "on-failure"
@@ -315,10 +321,17 @@ def echod_cmd() -> list[str]:
     return [sys.executable, "-m", "echod"]
 
 
-def _exec_start_argv(unit_text: str, env: dict[str, str]) -> list[str]:
-    """ExecStart= as systemd would exec it: ``$VAR`` alone in a word is
-    split on whitespace, ``${VAR}`` is substituted as one word."""
-    command = _unit_value(unit_text, "ExecStart")
+def _exec_start_argv(
+    unit_text: str, env: dict[str, str], key: str = "ExecStart", files: dict[str, str] | None = None
+) -> list[str]:
+    """ExecStart= (or ``key``) as systemd would exec it: ``$VAR`` alone in a word
+    is split on whitespace, ``${VAR}`` is substituted as one word. ``files``
+    maps the unit's installed paths to where they are here (default: the
+    config file is the shipped systemd/echod.toml)."""
+    files = {UNIT_CONFIG: str(UNIT_DIR / "echod.toml")} if files is None else files
+    command = _unit_value(unit_text, key)
+    for installed, here in files.items():
+        command = command.replace(installed, here)
     assert not command.endswith("\\"), "line continuations are not handled"
     command = command.lstrip("-@:+!")
     assert "%" not in command, "specifiers are not handled"
@@ -532,6 +545,37 @@ def test_ready_status_stopping(echod_cmd: list[str], notifications: Notification
         assert echod.terminate() == 0, echod.output()
         notifications.wait_for(lambda m: m == "STOPPING=1", EVENT_TIMEOUT, "STOPPING=1")
         assert notifications.received.count("READY=1") == 1
+    finally:
+        echod.kill()
+
+
+@pytest.mark.timeout(120)
+def test_exec_reload_applies_the_file_and_fails_on_a_broken_one(
+    echod_cmd: list[str], tmp_path: Path, ctl_dir: Path
+) -> None:
+    """ExecReload= exactly as the unit has it, against the unit's ExecStart."""
+    config = tmp_path / "echod.toml"
+    shutil.copy(UNIT_DIR / "echod.toml", config)
+    files = {UNIT_CONFIG: str(config), UNIT_CONTROL: str(ctl_dir / "control.sock")}
+    env = _child_env()
+    env["ECHOD_OPTS"] = "--port 0"
+    unit = SERVICE.read_text()
+    echod = Echod([*echod_cmd, *_exec_start_argv(unit, env, files=files)[1:]], env)
+    reload = [*echod_cmd, *_exec_start_argv(unit, env, "ExecReload", files)[1:]]
+    try:
+        echod.event("listening")
+        config.write_text("max_clients = 3\n")
+        done = subprocess.run(reload, capture_output=True, text=True, env=env, timeout=30)
+        assert (done.returncode, done.stdout) == (0, "OK reloaded\n"), done.stderr
+        assert echod.event("config_reloaded", EVENT_TIMEOUT)["changed"] == ["max_clients"]
+        config.write_text("max_clients = -3\n")
+        done = subprocess.run(reload, capture_output=True, text=True, env=env, timeout=30)
+        assert done.returncode == 1
+        assert done.stderr == (
+            f"ERR config file {config}, key max_clients: -3 is out of range (must be at least 1)\n"
+        )
+        assert echod.event("config_reload_failed", EVENT_TIMEOUT)["trigger"] == "operator"
+        assert echod.terminate() == 0, echod.output()
     finally:
         echod.kill()
 
