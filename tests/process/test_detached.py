@@ -223,6 +223,29 @@ def test_sighup_after_the_log_file_was_moved_opens_a_new_one(daemons: Daemons) -
     assert oct(d.log.stat().st_mode & 0o777) == oct(0o640)  # created under umask 027
 
 
+def test_sighup_reopens_the_log_then_reloads_a_relative_config_path(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    # Relative on the command line: the daemon chdirs to /, so it must be made absolute.
+    config = tmp_path / "echod.toml"
+    config.write_text("max_clients = 4\n")
+    d = daemons.start("--config", os.path.relpath(config, ROOT))
+    assert wait_event(d.log, "listening")["max_clients"] == 4
+    rotated = d.log.with_name("echod.log.1")
+    d.log.rename(rotated)
+    config.write_text("max_clients = 1\n")
+    os.kill(d.pid, signal.SIGHUP)
+    reloaded = wait_event(d.log, "config_reloaded")
+    assert reloaded["changed"] == ["max_clients"]
+    assert [e["event"] for e in events(d.log)][:2] == ["log_reopened", "config_reloaded"]
+    held = Client(d.port)
+    try:
+        assert held.roundtrip(b"one\n") == b"one\n"
+        assert roundtrip_once(d.port) == b"ERR server full (max 1 clients)\n"
+    finally:
+        held.close()
+
+
 # A subreaper adopts the orphaned daemon, so its real exit status can be read.
 SUBREAPER = r"""
 import ctypes, json, os, subprocess, sys
