@@ -294,17 +294,39 @@ class Admission:
     def __init__(
         self, policy: Policy, clock: Clock = time.monotonic, max_idle_groups: int = MAX_IDLE_GROUPS
     ) -> None:
-        self.policy = policy
         self.clock = clock
         self.max_idle_groups = max_idle_groups
-        self.access = AccessList(policy.allow, policy.deny)
         self.refused = dict.fromkeys(REASONS, 0)  # by reason, for /stats
-        v4, v6 = policy.source_prefix
-        self._shifts = {4: 32 - v4, 6: 128 - v6}
-        self._tracking = bool(policy.max_per_source or policy.connect_rate)
         self._lock = threading.Lock()
         self._groups: dict[GroupKey, _Group] = {}
         self._idle: OrderedDict[GroupKey, None] = OrderedDict()  # groups without connections
+        self.set_policy(policy)
+
+    def set_policy(self, policy: Policy) -> None:
+        """Decide by ``policy`` from now on (a reload); the connections held stay counted.
+
+        The lists and the per-source limit apply to the next connect. A
+        changed connect rate gives every tracked group a full bucket at the
+        new rate (or none). A changed ``source_prefix`` groups the next
+        connects anew; connections held are released from the group they
+        were counted in.
+        """
+        access = AccessList(policy.allow, policy.deny)
+        v4, v6 = policy.source_prefix
+        with self._lock:
+            old = getattr(self, "policy", None)
+            self.policy = policy
+            self.access = access
+            self._shifts = {4: 32 - v4, 6: 128 - v6}
+            self._tracking = bool(policy.max_per_source or policy.connect_rate)
+            if old is not None and old.connect_rate != policy.connect_rate:
+                rate, now = policy.connect_rate, self.clock()
+                for group in self._groups.values():
+                    group.bucket = (
+                        None
+                        if rate is None
+                        else TokenBucket(rate.count, rate.count / rate.seconds, now)
+                    )
 
     def group_of(self, address: IPAddress) -> GroupKey:
         shift = self._shifts[address.version]

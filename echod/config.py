@@ -27,8 +27,9 @@ be, the field name itself). An :class:`Option` also says:
 - ``repeatable``: ``action="append"``, every occurrence adds one item, each
   parsed by ``kind``; declare the field ``tuple[X, ...]`` with
   ``default_factory=tuple`` (for example ``--allow CIDR``).
-- ``reloadable``: whether a running echod may apply a new value without a
-  restart (nothing reloads yet; a reload will change only these).
+- ``reloadable``: whether a running echod applies a new value at a reload
+  (:mod:`echod.reload`); the others are bound, opened or decided at start
+  and are reported as needing a restart.
 - ``shown``: the README's default cell when it is not the value itself (a
   default that depends on who runs echod, computed by a ``default_*``
   function below and described in README.md).
@@ -268,10 +269,10 @@ def option(
     return field(default=default, metadata=info)
 
 
-def _list(help: str, kind: Kind[Any], metavar: str) -> Any:
+def _list(help: str, kind: Kind[Any], metavar: str, **meta: Any) -> Any:
     """A repeatable option, empty unless given: each use adds one item."""
     return option(
-        help, default_factory=tuple, kind=kind, metavar=metavar, repeatable=True, shown="—"
+        help, default_factory=tuple, kind=kind, metavar=metavar, repeatable=True, shown="—", **meta
     )
 
 
@@ -414,31 +415,45 @@ class Settings:
         metavar="{off,v1,v2,any}",
     )
     proxy_trusted: tuple[IPNetwork, ...] = _list(
-        "a network of load balancers that may send the PROXY header", CIDR, "CIDR"
+        "a network of load balancers that may send the PROXY header", CIDR, "CIDR", reloadable=True
     )
     proxy_timeout: float = option(
         "the PROXY header must be complete this many seconds after the connect",
         3.0,
         kind=duration(allow_zero=False),
         metavar="SECONDS",
+        reloadable=True,
     )
     allow: tuple[IPNetwork, ...] = _list(
-        "serve only clients that match an allow entry (an address or CIDR network)", CIDR, "CIDR"
+        "serve only clients that match an allow entry (an address or CIDR network)",
+        CIDR,
+        "CIDR",
+        reloadable=True,
     )
     deny: tuple[IPNetwork, ...] = _list(
-        "refuse clients that match, unless a more specific allow entry does", CIDR, "CIDR"
+        "refuse clients that match, unless a more specific allow entry does",
+        CIDR,
+        "CIDR",
+        reloadable=True,
     )
     allow_file: tuple[Path, ...] = _list(
-        "allow entries from a file, one a line, # comments; joins --allow in one list", PATH, "PATH"
+        "allow entries from a file, one a line, # comments; joins --allow in one list",
+        PATH,
+        "PATH",
+        reloadable=True,
     )
     deny_file: tuple[Path, ...] = _list(
-        "deny entries from a file, one a line, # comments; joins --deny in one list", PATH, "PATH"
+        "deny entries from a file, one a line, # comments; joins --deny in one list",
+        PATH,
+        "PATH",
+        reloadable=True,
     )
     max_per_source: int = option(
         "most connections one source group holds at once (0 = no limit)",
         0,
         kind=int_range(0),
         metavar="N",
+        reloadable=True,
     )
     source_prefix: tuple[int, int] = option(
         "prefix lengths that make client addresses one source group, IPv4:IPv6",
@@ -446,6 +461,7 @@ class Settings:
         kind=Kind(_from(admission.parse_source_prefix)),
         metavar="V4:V6",
         shown="`32:64`",
+        reloadable=True,
     )
     max_connect_rate: Rate | None = option(
         "connects per source group: bursts of N, refilled at N per SECONDS",
@@ -453,12 +469,14 @@ class Settings:
         kind=Kind(_from(Rate.parse)),
         metavar="N/SECONDS",
         shown="off",
+        reloadable=True,
     )
     max_line_rate: int = option(
         "lines handled per second per client; faster clients are slowed, not cut (0 = off)",
         0,
         kind=int_range(0),
         metavar="N",
+        reloadable=True,
     )
 
     @functools.cached_property

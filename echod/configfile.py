@@ -38,6 +38,7 @@ import difflib
 import sys
 import textwrap
 import tomllib
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,13 +48,13 @@ from typing import Any
 from echod.config import OPTIONS, InvalidValue, Option, Settings
 from echod.errors import UsageError
 
-# What TOML type each Settings annotation (without "| None") takes.
+# What TOML type a value of each Python type takes; any other type (a path, a
+# network, a rate) is written as a string, which the option's parser reads.
 _TOML_TYPES: dict[Any, tuple[type, ...]] = {
     bool: (bool,),
     int: (int,),
     float: (int, float),  # 5 seconds is fine
     str: (str,),
-    Path: (str,),
 }
 SIMILAR = 0.85  # difflib ratio for "did you mean": max_client yes, server -> user no
 _TOML_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
@@ -68,14 +69,13 @@ class ConfigError(UsageError):
 
 
 def _value_type(opt: Option) -> Any:
-    """The type of one value of ``opt`` (an item, for a repeatable one), without None."""
+    """The key in _TOML_TYPES of one value of ``opt`` (an item, for a repeatable one)."""
     hint = _HINTS[opt.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is tuple:  # tuple[X, ...]
-        return args[0]
-    if args:  # X | None
-        return args[0]
-    return hint
+    if opt.repeatable:  # tuple[X, ...]
+        hint = typing.get_args(hint)[0]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint if hint in _TOML_TYPES else str
 
 
 _HINTS = typing.get_type_hints(Settings)
@@ -87,7 +87,7 @@ def _convert(opt: Option, value: Any) -> Any:
     accepted = _TOML_TYPES[kind]
     # bool is an int in Python, but true is not a number in TOML.
     if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
-        raise InvalidValue(f"must be {_TOML_NAMES[kind if kind is not Path else str]}")
+        raise InvalidValue(f"must be {_TOML_NAMES[kind]}")
     if opt.kind is None:  # a switch
         return value
     if isinstance(value, str):
@@ -188,19 +188,22 @@ def _toml(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return f"{value:g}" if isinstance(value, float) else str(value)
-    if isinstance(value, tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
     text = str(value)
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _placeholder(opt: Option) -> str:
-    """An example value for an option without a fixed default."""
-    kind = _value_type(opt)
-    if kind is bool:
-        return "true"
-    text = '"' + (opt.metavar or "VALUE").split("|")[0] + '"'
-    return f"[{text}]" if opt.repeatable else text
+def _example_value(opt: Option) -> str:
+    """The example file's value of ``opt``: its default, or the form of a value."""
+    form = (opt.metavar or "VALUE").split("|")[0]
+    if opt.repeatable:
+        return f'[]  # for example ["{form}"]'
+    if opt.shown is not None and opt.shown.startswith("`"):  # the default, as text
+        return _toml(opt.shown.strip("`"))
+    if opt.shown is None and opt.default is not None:
+        return _toml(opt.default)
+    example = "true" if _value_type(opt) is bool else f'"{form}"'
+    unset = "" if "default" in opt.help else "  # not set by default"
+    return example + unset
 
 
 def example() -> str:
@@ -212,12 +215,7 @@ def example() -> str:
         out.extend(
             textwrap.wrap(f"{opt.help}.{note}", 78, initial_indent="# ", subsequent_indent="# ")
         )
-        if opt.shown is None and (opt.default is not None or opt.repeatable):
-            out.append(f"#{opt.name} = {_toml(() if opt.default is None else opt.default)}")
-        else:  # no fixed default: an example of the value's form
-            if "default" not in opt.help:
-                out.append("# Not set by default.")
-            out.append(f"#{opt.name} = {_placeholder(opt)}")
+        out.append(f"#{opt.name} = {_example_value(opt)}")
     return "\n".join(out) + "\n"
 
 

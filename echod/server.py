@@ -363,15 +363,10 @@ class EchoServer(socketserver.TCPServer):
         self._last_reject = 0.0
         # Rounds of the accept loop and of the janitor, for the systemd watchdog.
         self._accept_rounds = self._janitor_rounds = 0
-        policy = settings.admission_policy()
-        self.admission = Admission(policy)
+        self.admission = Admission(settings.admission_policy())
         self.refusal_log = BurstLog()
         self._proxy_versions = None if settings.proxy_protocol == "off" else settings.proxy_protocol
-        self._proxy_trusted = AccessList(allow=settings.proxy_trusted)
-        # Whether connections pass admit() at all: nothing to do costs nothing.
-        self.gated = self._proxy_versions is not None or bool(
-            policy.allow or policy.deny or policy.max_per_source or policy.connect_rate
-        )
+        self._gate(settings)
         if listener is not None:
             self.address_family = listener.family
             super().__init__(listener.getsockname()[:2], handler, bind_and_activate=False)
@@ -721,14 +716,28 @@ class EchoServer(socketserver.TCPServer):
 
         Read when used: ``max_clients`` at each accept (lowering it refuses
         new clients and ends nobody), the timeouts at each janitor tick (for
-        every client), ``chat`` at each read, ``max_line`` for clients that
-        connect from now on (a line being read keeps the limit it started
-        under). ``send_timeout`` is also copied to every connected client,
-        whose handler waits by it.
+        every client), ``chat`` at each read, ``proxy_timeout`` at each
+        header; ``max_line`` and ``max_line_rate`` for clients that connect
+        from now on (a client keeps the limits it started under). The
+        admission rules (lists, list files read anew, per-source limit,
+        rates, trusted balancers) apply from the next connect
+        (:meth:`Admission.set_policy`). ``send_timeout`` is also copied to
+        every connected client, whose handler waits by it.
         """
+        if settings.admission_policy() != self.settings.admission_policy():
+            self.admission.set_policy(settings.admission_policy())
+        self._gate(settings)
         self.settings = settings
         for conn in self.registry.snapshot():
             conn.send_timeout = settings.send_timeout
+
+    def _gate(self, settings: Settings) -> None:
+        policy = settings.admission_policy()
+        self._proxy_trusted = AccessList(allow=settings.proxy_trusted)
+        # Whether connections pass admit() at all: nothing to do costs nothing.
+        self.gated = self._proxy_versions is not None or bool(
+            policy.allow or policy.deny or policy.max_per_source or policy.connect_rate
+        )
 
     # -- stopping --------------------------------------------------------
 

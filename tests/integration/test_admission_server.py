@@ -451,7 +451,9 @@ def test_many_threads_many_sources(make_server: MakeServer) -> None:
 
 
 def operator(srv: RunningServer) -> Commands[Any]:
-    return Commands(srv.registry, srv.settings, lambda: None, admission=srv.server.admission)
+    return Commands(
+        srv.registry, lambda: srv.settings, lambda: None, admission=srv.server.admission
+    )
 
 
 def test_list_shows_via_and_stats_count_refusals(make_server: MakeServer, clients: Any) -> None:

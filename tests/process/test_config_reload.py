@@ -179,3 +179,34 @@ def test_reload_without_a_config_file_is_an_err(
         1,
         "ERR echod was started without --config: there is no file to re-read\n",
     )
+
+
+def test_reload_applies_admission_lists_including_a_files_new_contents(
+    spawn_echod: Callable[..., EchodProcess], config: Path, tmp_path: Path
+) -> None:
+    allowed = tmp_path / "allow.txt"
+    allowed.write_text("127.0.0.1  # the tests' own address\n")
+    config.write_text(f'allow_file = ["{allowed}"]\n')
+    echod = spawn_echod("--config", str(config))
+    held = Client(echod.port)  # from 127.0.0.1
+    try:
+        assert held.roundtrip(b"in\n") == b"in\n"
+        allowed.write_text("127.0.0.2\n")  # the same key, a new list
+        echod.signal(signal.SIGHUP)
+        assert echod.wait_event("config_reloaded")["changed"] == []
+        assert roundtrip_once(echod.port) == b"ERR access denied\n"
+        assert held.roundtrip(b"still in\n") == b"still in\n"  # admitted once, kept
+        config.write_text(
+            f'allow_file = ["{allowed}"]\ndeny = ["127.0.0.2"]\nallow = ["127.0.0.1"]\n'
+        )
+        echod.signal(signal.SIGHUP)
+        changed = echod.wait_event("config_reloaded", where=lambda e: bool(e["changed"]))
+        assert changed["changed"] == ["allow", "deny"]
+        assert roundtrip_once(echod.port) == b"ping\n"
+        allowed.write_text("not an address\n")
+        echod.signal(signal.SIGHUP)
+        failed = echod.wait_event("config_reload_failed")
+        assert str(allowed) in failed["detail"] and "not an address" in failed["detail"]
+        assert roundtrip_once(echod.port) == b"ping\n"  # the lists in force are kept
+    finally:
+        held.close()

@@ -366,3 +366,22 @@ def test_burst_log_summarizes_beyond_20_a_second() -> None:
     assert log.summaries() == [("per_source", 30)]
     assert log.summaries() == []
     assert log.should_log("per_source")  # a new window
+
+
+def test_set_policy_applies_to_the_next_connect_and_keeps_what_is_held() -> None:
+    clock = Clock()
+    adm = Admission(Policy(max_per_source=2, connect_rate=Rate(1, 60.0)), clock)
+    held = adm.admit(ip("127.0.0.2"))
+    assert isinstance(held, Admitted)
+    assert isinstance(adm.admit(ip("127.0.0.2")), Refused)  # the burst of 1 is spent
+    # A reload: a deny list, one connection per source, and a new rate (a full bucket).
+    adm.set_policy(Policy(deny=nets("127.0.0.3"), max_per_source=1, connect_rate=Rate(5, 1.0)))
+    refused = adm.admit(ip("127.0.0.3"))
+    assert isinstance(refused, Refused) and refused.reason == "access_denied"
+    over = adm.admit(ip("127.0.0.2"))  # not the rate (new bucket): the held one counts
+    assert isinstance(over, Refused) and over.reason == "per_source"
+    assert over.line == b"ERR too many connections from your address (max 1)\n"
+    adm.release(held)
+    assert isinstance(adm.admit(ip("127.0.0.2")), Admitted)
+    adm.set_policy(Policy())  # everything off: nothing tracked, everyone served
+    assert all(isinstance(adm.admit(ip("127.0.0.2")), Admitted) for _ in range(10))

@@ -450,7 +450,7 @@ def test_reload_answers_ok_with_a_line_per_key_that_needs_a_restart() -> None:
 
     settings = Settings(control_socket=None)
     commands: Commands[Connection] = Commands(
-        Registry(), lambda: settings, lambda: None, None, reload
+        Registry(), lambda: settings, lambda: None, reload=reload
     )
     assert commands.execute("/reload") == "OK reloaded\nneeds restart: port\nneeds restart: backlog"
     assert commands.execute("/RELOAD") == "OK reloaded"
@@ -464,7 +464,7 @@ def test_reload_that_fails_is_one_err_line_and_without_a_reloader_too() -> None:
 
     settings = Settings(control_socket=None)
     commands: Commands[Connection] = Commands(
-        Registry(), lambda: settings, lambda: None, None, reload
+        Registry(), lambda: settings, lambda: None, reload=reload
     )
     assert commands.execute("/reload") == (
         "ERR config file /x.toml, key max_clients: 0 is out of range"

@@ -217,6 +217,7 @@ def test_only_what_needs_a_socket_a_file_or_a_process_needs_a_restart() -> None:
         "foreground",
         "console",
         "metrics_listen",
+        "proxy_protocol",  # whether every connection starts with a header: clients must agree
     }
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from echod import configfile
+from echod.admission import Rate
 from echod.config import OPTIONS, InvalidValue, Settings, split_host_port
 from echod.configfile import ConfigError, Source
 from echod.errors import UsageError
@@ -40,12 +42,16 @@ def test_example_has_every_key_once_and_each_fixed_default_reads_back_as_the_def
     tmp_path: Path,
 ) -> None:
     lines = EXAMPLE.read_text().splitlines()
+    checked = set()
     for opt in OPTIONS:
         keyed = [line for line in lines if line.startswith(f"#{opt.name} = ")]
         assert len(keyed) == 1, opt.name
-        if opt.shown is None and opt.default is not None:  # the value written is the default
+        written_default = opt.repeatable or (opt.shown or "`").startswith("`")
+        if written_default and (opt.default is not None or opt.repeatable or opt.shown):
             values = configfile.read(write(tmp_path, keyed[0][1:] + "\n"))
-            assert values == {opt.name: opt.default}, opt.name
+            assert values == {opt.name: getattr(Settings(), opt.name)}, opt.name
+            checked.add(opt.name)
+    assert {"port", "allow", "source_prefix", "max_line_rate"} <= checked
     assert not configfile.read(EXAMPLE)  # all commented out: nothing set
 
 
@@ -224,3 +230,19 @@ def test_without_a_config_file_there_is_nothing_to_reload() -> None:
     r = Reloader(Settings(), Source())
     with pytest.raises(ReloadError, match=r"^echod was started without --config"):
         r.reload("test")
+
+
+def test_list_network_and_rate_keys(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'allow = ["10.0.0.0/8", "::1"]\nsource_prefix = "24:48"\nmax_connect_rate = "5/2"\n',
+    )
+    values = configfile.read(path)
+    assert values["allow"] == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1"))
+    assert values["source_prefix"] == (24, 48)
+    assert values["max_connect_rate"] == Rate(5, 2.0)
+    assert problems(tmp_path, 'allow = "10.0.0.0/8"\n') == [
+        'F, key allow: must be an array, such as ["a", "b"]'
+    ]
+    assert problems(tmp_path, "allow = [10]\n") == ["F, key allow: must be a string"]
+    assert problems(tmp_path, "source_prefix = 24\n") == ["F, key source_prefix: must be a string"]
