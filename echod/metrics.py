@@ -14,7 +14,8 @@ The metrics, none with a per-client label:
 
 - ``echod_connections_active`` (gauge), ``echod_connections_accepted_total``;
 - ``echod_connections_refused_total{reason}``: ``server_full``,
-  ``out_of_descriptors``, ``out_of_threads`` (and any later reason);
+  ``out_of_descriptors``, ``out_of_threads`` and the admission reasons
+  (:data:`~echod.admission.REASONS`), each present from the start at 0;
 - ``echod_connections_closed_total{reason}``: the reasons of the
   ``connection_closed`` event (:data:`CLOSE_REASONS`, always present, 0 until
   seen);
@@ -64,7 +65,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from echod import __version__
+from echod import __version__, admission
 from echod.config import Settings, split_host_port
 from echod.errors import StartupError
 from echod.registry import DURATION_BUCKETS, Registry
@@ -82,7 +83,7 @@ CLOSE_REASONS = (
     "shutdown",
     "error",
 )
-REFUSE_REASONS = ("server_full", "out_of_descriptors", "out_of_threads")
+REFUSE_REASONS = ("server_full", "out_of_descriptors", "out_of_threads", *admission.REASONS)
 
 
 def _by_reason(name: str, doc: str, counts: dict[str, int], known: tuple[str, ...]) -> Metric:

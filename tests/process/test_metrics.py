@@ -60,7 +60,8 @@ def test_metrics_after_real_traffic(
     config = tmp_path / "echod.toml"
     config.write_text("max_clients = 2\n")
     echod = spawn_echod(
-        "--config", str(config), "--control-socket", str(sock), "--metrics-listen", "127.0.0.1:0"
+        *("--config", str(config), "--control-socket", str(sock)),
+        *("--metrics-listen", "127.0.0.1:0", "--deny", "127.0.0.9"),
     )
     port = echod.wait_event("metrics_listening")["port"]
     _, before = scrape(port)
@@ -73,6 +74,10 @@ def test_metrics_after_real_traffic(
     assert [a.readline() for _ in range(4)] == [b"a\n", b"b\n", b"c\n", b"bye\n"]
     assert a.readline() == b""
     a.close()
+    denied = Client(echod.port, source="127.0.0.9")
+    assert denied.readline() == b"ERR access denied\n"
+    denied.close()
+    echod.wait_event("client_refused")
     # b and c: one line each, then held; d is refused (max_clients = 2).
     b, c = Client(echod.port), Client(echod.port)
     assert b.roundtrip(b"b1\n") == b"b1\n"
@@ -84,7 +89,7 @@ def test_metrics_after_real_traffic(
     assert value(held, "echod_connections_active") == 2
     b.close()  # eof
     echod.wait_event("connection_closed", where=lambda e: e["reason"] == "eof")
-    ctl(sock, "kick", "3")  # c, without a last line
+    ctl(sock, "kick", "4")  # c (the denied client had id 3), without a last line
     assert c.readline() == b""
     c.close()
     echod.wait_event("connection_closed", where=lambda e: e["reason"] == "kicked")
@@ -95,6 +100,7 @@ def test_metrics_after_real_traffic(
     assert value(after, "echod_connections_active") == 0
     assert value(after, "echod_connections_accepted_total") == 3
     assert value(after, "echod_connections_refused_total", reason="server_full") == 1
+    assert value(after, "echod_connections_refused_total", reason="access_denied") == 1
     assert value(after, "echod_connections_refused_total", reason="out_of_threads") == 0
     closed = {
         labels[0][1]: n
@@ -103,9 +109,10 @@ def test_metrics_after_real_traffic(
     }
     assert closed == {"exit": 1, "eof": 1, "kicked": 1}
     assert value(after, "echod_bytes_received_total") == 11 + 3 + 3
-    assert value(after, "echod_bytes_sent_total") == 6 + 4 + 3 + 3 + 2 * 16
+    # The denied client's ERR line was sent too (it had a connection, unlike a full server's).
+    assert value(after, "echod_bytes_sent_total") == 6 + 4 + 18 + 3 + 3 + 2 * 16
     assert value(after, "echod_lines_received_total") == 3 + 1 + 1  # exit is no echoed line
-    assert value(after, "echod_lines_sent_total") == 4 + 1 + 1 + 2
+    assert value(after, "echod_lines_sent_total") == 4 + 1 + 1 + 1 + 2
     assert value(after, "echod_operator_messages_total") == 2
     assert value(after, "echod_connection_duration_seconds_count") == 3
     assert value(after, "echod_connection_duration_seconds_bucket", le="+Inf") == 3
