@@ -267,6 +267,23 @@ class Client:
         self.sock.close()
 
 
+def echod_command(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m echod ARGS`` to its end (a subcommand, a failing start); text, bounded."""
+    return subprocess.run(
+        [sys.executable, "-m", "echod", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=3 * TIMEOUT,
+        cwd=ROOT,
+    )
+
+
+def ctl(sock: Path, *words: str) -> subprocess.CompletedProcess[str]:
+    """``echod ctl`` on the control socket ``sock``."""
+    return echod_command("ctl", "--control-socket", str(sock), *words)
+
+
 def roundtrip_once(port: int, line: bytes = b"ping\n") -> bytes:
     """Connect, send ``line``, return the line that comes back, close."""
     client = Client(port)

@@ -11,32 +11,15 @@ from __future__ import annotations
 import functools
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import ROOT, TIMEOUT, Client, EchodProcess, roundtrip_once
+from tests.helpers import ROOT, Client, EchodProcess, ctl, echod_command, roundtrip_once
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def run_echod(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "echod", *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=3 * TIMEOUT,
-        cwd=ROOT,
-    )
-
-
-def ctl(sock: Path, *words: str) -> subprocess.CompletedProcess[str]:
-    return run_echod("ctl", "--control-socket", str(sock), *words)
 
 
 def is_client(cid: int, event: dict[str, Any]) -> bool:
@@ -70,14 +53,14 @@ def test_the_file_sets_options_and_flags_win(
 
 def test_a_bad_file_is_one_sentence_per_problem_and_exit_2(config: Path) -> None:
     config.write_text('max_clients = 0\nmax_client = 5\nidle_timeout = "soon"\n')
-    done = run_echod("--foreground", "--port", "0", "--config", str(config))
+    done = echod_command("--foreground", "--port", "0", "--config", str(config))
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
         f"echod: config file {config}, key max_clients: 0 is out of range (must be at least 1)",
         f"echod: config file {config}: unknown key 'max_client' (did you mean max_clients?)",
         f"echod: config file {config}, key idle_timeout: must be a number",
     ]
-    missing = run_echod("--foreground", "--config", str(config.with_name("nope.toml")))
+    missing = echod_command("--foreground", "--config", str(config.with_name("nope.toml")))
     assert (missing.returncode, missing.stderr) == (
         2,
         f"echod: cannot read config file {config.with_name('nope.toml')}: "
@@ -89,15 +72,15 @@ def test_check_config_starts_nothing(config: Path) -> None:
     with socket.create_server(("127.0.0.1", 0)) as busy:  # a port nobody could bind now
         port = str(busy.getsockname()[1])
         config.write_text(f"port = {port}\nmax_clients = 10\n")
-        ok = run_echod("check-config", "--config", str(config))
+        ok = echod_command("check-config", "--config", str(config))
         assert (ok.returncode, ok.stdout, ok.stderr) == (0, "configuration ok\n", "")
-    shipped = run_echod("check-config", "--config", str(ROOT / "systemd" / "echod.toml"))
+    shipped = echod_command("check-config", "--config", str(ROOT / "systemd" / "echod.toml"))
     assert (shipped.returncode, shipped.stdout) == (0, "configuration ok\n")
-    flag = run_echod("check-config", "--config", str(config), "--max-clients", "0")
+    flag = echod_command("check-config", "--config", str(config), "--max-clients", "0")
     assert flag.returncode == 2
     assert flag.stderr.startswith("echod: argument --max-clients: 0 is out of range")
     config.write_text("max_clients = -1\nchat = 1\n")
-    bad = run_echod("check-config", "--config", str(config))
+    bad = echod_command("check-config", "--config", str(config))
     assert (bad.returncode, bad.stdout) == (2, "")
     assert bad.stderr.splitlines() == [
         f"echod: config file {config}, key max_clients: -1 is out of range (must be at least 1)",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from echod import __version__
-from tests.helpers import ROOT, TIMEOUT, Client, EchodProcess, roundtrip_once
+from tests.helpers import TIMEOUT, Client, EchodProcess, ctl, echod_command, roundtrip_once
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,14 +40,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[name, tuple(sorted(labels.items()))]
 
 
-def ctl(sock: Path, *words: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "echod", "ctl", "--control-socket", str(sock), *words],
-        capture_output=True,
-        text=True,
-        timeout=3 * TIMEOUT,
-        cwd=ROOT,
-    )
+def ok(done: subprocess.CompletedProcess[str]) -> str:
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -83,18 +75,18 @@ def test_metrics_after_real_traffic(
     assert b.roundtrip(b"b1\n") == b"b1\n"
     assert c.roundtrip(b"c1\n") == b"c1\n"
     assert roundtrip_once(echod.port) == b"ERR server full (max 2 clients)\n"
-    assert ctl(sock, "broadcast", "hi") == "OK sent to 2 clients\n"  # 16 bytes each
+    assert ok(ctl(sock, "broadcast", "hi")) == "OK sent to 2 clients\n"  # 16 bytes each
     assert b.readline() == c.readline() == b"Server says: hi\n"
     _, held = scrape(port)
     assert value(held, "echod_connections_active") == 2
     b.close()  # eof
     echod.wait_event("connection_closed", where=lambda e: e["reason"] == "eof")
-    ctl(sock, "kick", "4")  # c (the denied client had id 3), without a last line
+    ok(ctl(sock, "kick", "4"))  # c (the denied client had id 3), without a last line
     assert c.readline() == b""
     c.close()
     echod.wait_event("connection_closed", where=lambda e: e["reason"] == "kicked")
     config.write_text("max_clients = 5\n")
-    ctl(sock, "reload")
+    ok(ctl(sock, "reload"))
 
     text, after = scrape(port)
     assert value(after, "echod_connections_active") == 0
@@ -130,13 +122,7 @@ def test_metrics_after_real_traffic(
 def test_bad_metrics_addresses_are_one_sentence(tmp_path: Path) -> None:
     def start(listen: str) -> subprocess.CompletedProcess[str]:
         flags = ["--foreground", "--port", "0", "--control-socket", "none"]
-        return subprocess.run(
-            [sys.executable, "-m", "echod", *flags, "--metrics-listen", listen],
-            capture_output=True,
-            text=True,
-            timeout=3 * TIMEOUT,
-            cwd=ROOT,
-        )
+        return echod_command(*flags, "--metrics-listen", listen)
 
     bad = start("9100")
     assert (bad.returncode, bad.stderr) == (
