@@ -12,8 +12,9 @@ option added there is a key here, and ``systemd/echod.toml``
 
 Values are typed as TOML types them: a number for a number (an ``int``
 where the option wants a whole number, an ``int`` or a ``float`` for
-seconds), ``true``/``false`` for a switch, a string for text and paths, and
-an array for a repeatable option. Strings go through the option's parser,
+seconds), ``true``/``false`` for a switch, a string for anything else (text,
+paths, networks, rates such as ``"10/60"``), and an array for a repeatable
+option (``allow = ["10.0.0.0/8"]``). Strings go through the option's parser,
 exactly as the flag's text does; numbers go through its check. A key the
 file leaves out has its default.
 
