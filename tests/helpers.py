@@ -463,6 +463,17 @@ class EchodProcess:
                     f"stderr: {''.join(self.raw_stderr)[-2000:]}"
                 )
 
+    def wait_line(self, text: str, timeout: float = TIMEOUT) -> str:
+        """The first stderr line containing ``text``, JSON or not, waiting for it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = next((line for line in self.raw_stderr if text in line), None)
+            if found is not None:
+                return found
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._take(min(remaining, 0.1)):
+                raise AssertionError(f"no line with {text!r}; stderr: {''.join(self.raw_stderr)}")
+
     def signal(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
             os.kill(self.pid, sig)

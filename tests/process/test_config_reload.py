@@ -193,3 +193,17 @@ def test_reload_applies_admission_lists_including_a_files_new_contents(
         assert roundtrip_once(echod.port) == b"ping\n"  # the lists in force are kept
     finally:
         held.close()
+
+
+def test_sighup_switches_the_log_format(
+    spawn_echod: Callable[..., EchodProcess], config: Path
+) -> None:
+    config.write_text('log_format = "json"\n')
+    base = ("--foreground", "--port", "0", "--control-socket", "none")
+    echod = spawn_echod(*base, "--config", str(config), default_args=False)  # JSON: started
+    config.write_text('log_format = "console"\nlog_level = "debug"\n')
+    echod.signal(signal.SIGHUP)
+    reloaded = echod.wait_line("config_reloaded")
+    assert not reloaded.startswith("{") and "log_format" in reloaded  # key=value now
+    assert roundtrip_once(echod.port) == b"ping\n"
+    assert not echod.wait_line("connection_closed").startswith("{")
