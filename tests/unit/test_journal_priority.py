@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
@@ -23,6 +24,9 @@ LEVELS = [("debug", 7), ("info", 6), ("warning", 4), ("error", 3), ("critical", 
 def stream(tmp_path: Path) -> Iterator[TextIO]:
     with open(tmp_path / "stderr", "w+", encoding="utf-8") as f:
         yield f
+    # The tests point echod's logging at f; later tests' in-process servers
+    # must not log to it once it is closed (handler threads would die).
+    logs.configure("info", "json", sys.stderr)
 
 
 def _journal_stream(f: TextIO) -> str:
