@@ -34,16 +34,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run  # bench/run.py: the servers, points and load generator
+import harness  # bench/harness.py: the servers, points and load generator
 
-CG_DIR = run.OUT / "callgrind"
-RESULTS = run.OUT / "instructions.json"
+CG_DIR = harness.OUT / "callgrind"
+RESULTS = harness.OUT / "instructions.json"
 START_TIMEOUT = 120.0  # python under valgrind takes seconds to import
 DEFAULT_POINTS = "10c-64B-d1,10c-1024B-d1"
-EXTRA_POINTS = {"10c-1024B-d1": run._load(10, 1024), "10c-64B-d16": run._load(10, 64, 16)}
+EXTRA_POINTS = {
+    "10c-1024B-d1": harness.load_point(10, 1024),
+    "10c-64B-d16": harness.load_point(10, 64, 16),
+}
 
 
-def callgrind_cmd(spec: run.ServerSpec, tag: str) -> run.ServerSpec:
+def callgrind_cmd(spec: harness.ServerSpec, tag: str) -> harness.ServerSpec:
     cmd = (
         "valgrind",
         "--tool=callgrind",
@@ -52,14 +55,14 @@ def callgrind_cmd(spec: run.ServerSpec, tag: str) -> run.ServerSpec:
         f"--log-file={CG_DIR / tag}.valgrind.log",
         *spec.cmd,
     )
-    return run.ServerSpec(spec.name, cmd, spec.port_from)
+    return harness.ServerSpec(spec.name, cmd, spec.port_from)
 
 
 def total_instructions(dump: Path) -> int:
     for line in dump.read_text().splitlines():
         if line.startswith(("summary:", "totals:")):
             return int(line.split()[1])
-    raise run.RunError(f"no totals in {dump}")
+    raise harness.RunError(f"no totals in {dump}")
 
 
 def top_functions(dump: Path, lines: int, n: int) -> list[tuple[str, float]]:
@@ -78,11 +81,13 @@ def top_functions(dump: Path, lines: int, n: int) -> list[tuple[str, float]]:
     return rows[:n]
 
 
-def measure(point: run.Point, spec: run.ServerSpec, s: run.Settings, top: int) -> dict[str, object]:
+def measure(
+    point: harness.Point, spec: harness.ServerSpec, s: harness.Settings, top: int
+) -> dict[str, object]:
     tag = f"{point.id}-{spec.name}"
     for old in CG_DIR.glob(f"{tag}.*"):
         old.unlink()
-    server = run.Server(callgrind_cmd(spec, tag), None, f"instructions-{tag}")
+    server = harness.Server(callgrind_cmd(spec, tag), None, f"instructions-{tag}")
     try:
         port = server.wait_port(START_TIMEOUT)
         subprocess.run(
@@ -91,10 +96,10 @@ def measure(point: run.Point, spec: run.ServerSpec, s: run.Settings, top: int) -
             capture_output=True,
             timeout=30,
         )
-        proc, reader = run.start_loadgen(
-            run.loadgen_cmd(point, port, s), s, tag, subprocess.DEVNULL
+        proc, reader = harness.start_loadgen(
+            harness.loadgen_cmd(point, port, s), s, tag, subprocess.DEVNULL
         )
-        result = run.finish_loadgen(
+        result = harness.finish_loadgen(
             proc,
             reader,
             time.monotonic() + s.duration + s.warmup + s.grace + s.connect_timeout + 10,
@@ -109,10 +114,10 @@ def measure(point: run.Point, spec: run.ServerSpec, s: run.Settings, top: int) -
         server.stop()
     dumps = sorted(CG_DIR.glob(f"{tag}.{server.pid}.*"))
     if not dumps:
-        raise run.RunError(f"callgrind wrote no dump for {tag}")
+        raise harness.RunError(f"callgrind wrote no dump for {tag}")
     lines = int(result["completed_total"])
     if lines == 0 or result["mismatches"] or result["errors"]:
-        raise run.RunError(
+        raise harness.RunError(
             f"{tag}: {lines} lines echoed, {result['mismatches']} mismatches, "
             f"{result['errors']} errors"
         )
@@ -138,21 +143,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=4.0, help="load window, s (default 4)")
     ap.add_argument("--top", type=int, default=0, help="also list the N costliest functions")
     ap.add_argument(
-        "--echod-cmd", default=run.DEFAULT_ECHOD_CMD, help="how to start echod (see bench/run.py)"
+        "--echod-cmd",
+        default=harness.DEFAULT_ECHOD_CMD,
+        help="how to start echod (see bench/run.py)",
     )
     args = ap.parse_args(argv)
     for tool in ("valgrind", "callgrind_control", "callgrind_annotate"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: install valgrind (apt-get install valgrind)")
-    table = run.server_table(args.echod_cmd)
-    points_known = {**run.ALL_POINTS, **EXTRA_POINTS}
-    servers = run.pick(args.servers, list(table), "servers")
-    points = [points_known[p] for p in run.pick(args.points, list(points_known), "points")]
+    table = harness.server_table(args.echod_cmd)
+    points_known = {**harness.ALL_POINTS, **EXTRA_POINTS}
+    servers = harness.pick(args.servers, list(table), "servers")
+    points = [points_known[p] for p in harness.pick(args.points, list(points_known), "points")]
     if any(p.kind != "load" for p in points):
         sys.exit("only load points can be counted")
-    run.build_loadgen()
+    harness.build_loadgen()
     CG_DIR.mkdir(parents=True, exist_ok=True)
-    s = run.Settings(
+    s = harness.Settings(
         duration=args.duration,
         warmup=0.2,
         grace=30.0,
@@ -186,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"\n{r['server']}, costliest functions (instructions per line):")
                 for name, ipl in r["top"]:  # type: ignore[attr-defined]
                     print(f"  {ipl:8,.0f}  {name}")
-    print(f"\nraw: {RESULTS.relative_to(run.REPO)}", file=sys.stderr)
+    print(f"\nraw: {RESULTS.relative_to(harness.REPO)}", file=sys.stderr)
     return 0
 
 
