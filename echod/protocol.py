@@ -11,7 +11,9 @@ Rules:
 - A line ends in LF; CRLF is accepted. Bytes are never decoded.
 - Each complete line is echoed byte-exact, line ending included. All complete
   lines a single ``feed`` brings are coalesced into one :class:`Echo`, so the
-  server answers a pipelined burst with one send.
+  server answers a pipelined burst with one send. Such a burst is checked
+  with a few C-level calls rather than line by line when it provably holds
+  no exit line and no overlong line (see :meth:`LineProtocol.feed`).
 - A line may carry at most ``max_line`` bytes before its line ending. The
   limit is enforced on unfinished data too: the buffer never holds more than
   ``max_line`` bytes plus a pending CR, whatever the peer sends.
@@ -103,18 +105,70 @@ class LineProtocol:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[Event]:
-        """Take bytes from the peer; return what to do about them, in order."""
+        """Take bytes from the peer; return what to do about them, in order.
+
+        Three paths, cheapest first. One whole line (one line in flight):
+        a length check and the exit pre-test, O(1). Several lines: proved
+        to hold no exit line (a lower-cased copy has no ``exit`` in it) and
+        no overlong line (the read is no longer than one line may be, or
+        :meth:`_lines_fit` says so in one step per ``max_line`` bytes), then
+        echoed whole: a few C-level calls, however many lines. Otherwise
+        :meth:`_walk` looks at the lines one by one and stops at the first
+        one that ends the session.
+        """
         if self.finished:
             raise RuntimeError("feed() after the protocol finished")
         buf = self._buf + data if self._buf else data
+        limit = self.max_line
+        end = len(buf)
+        nl = buf.find(b"\n")
+        if nl < 0:
+            return self._hold(buf, [])
+        if nl == end - 1:
+            # The pre-test leaves is_exit() only the lines of four bytes or
+            # more that end in t, T or whitespace.
+            if nl > limit and (nl > limit + 1 or buf[nl - 1] != 0x0D):
+                return self._stop(buf, 0, 0, LineTooLong(line_too_long(limit)))
+            if nl >= 4 and buf[nl - 1] in _EXIT_ENDS and is_exit(buf):
+                return self._stop(buf, 0, 0, Exit())
+            self._buf = b""
+            return [Echo(buf, 1)]
+        if buf.lower().find(b"exit") < 0 and (end <= limit + 1 or self._lines_fit(buf)):
+            # The bytes after the last LF hold no LF, so count() sees only complete lines.
+            lines = buf.count(b"\n")
+            if buf[-1] == 0x0A:
+                self._buf = b""
+                return [Echo(buf, lines)]
+            last = buf.rfind(b"\n") + 1
+            return self._hold(buf[last:], [Echo(buf[:last], lines)])
+        return self._walk(buf)
+
+    def _lines_fit(self, buf: bytes) -> bool:
+        """True if no complete line of ``buf`` is over the limit (False may be wrong).
+
+        Jumps from line start to the last LF within ``max_line + 1`` bytes of
+        it: one step per ``max_line`` bytes, not one per line. A line of
+        ``max_line`` bytes plus CR is legal but answers False, and the walk
+        then decides.
+        """
+        window = self.max_line + 1
+        rfind = buf.rfind
+        last = rfind(b"\n")
+        start = 0
+        while start <= last:
+            nl = rfind(b"\n", start, start + window)
+            if nl < 0:
+                return False
+            start = nl + 1
+        return True
+
+    def _walk(self, buf: bytes) -> list[Event]:
+        """Line by line, with O(1) work for each besides find()."""
         limit = self.max_line
         find = buf.find
         end = len(buf)
         start = 0  # where the first line not yet looked at begins
         lines = 0
-        # One pass over the complete lines, O(1) work for each besides find():
-        # the length check, and a test that leaves is_exit() only the lines
-        # of four bytes or more that end in t, T or whitespace.
         while start < end:
             nl = find(b"\n", start)
             if nl < 0:
@@ -126,7 +180,7 @@ class LineProtocol:
                 return self._stop(buf, start, lines, Exit())
             lines += 1
             start = nl + 1
-        if start == end:  # the usual case: whole lines, nothing left over
+        if start == end:
             self._buf = b""
             return [Echo(buf, lines)] if lines else []
         events: list[Event] = [Echo(buf[:start], lines)] if lines else []

@@ -48,8 +48,12 @@ Chunk = bytes | _Eof
 ERR_1024 = b"ERR line too long (max 1024 bytes)\n"
 A1023, A1024, A1025 = b"a" * 1023, b"a" * 1024, b"a" * 1025
 
-# Bursts larger than max_line + 1 take feed()'s line-by-line path even without
-# an exit word; the same bytes byte by byte take the fast path.
+# feed() has three paths: one whole line; several lines checked at once (no
+# "exit" anywhere in the read, and no line can be over the limit); and the
+# walk over the lines one by one. Bursts larger than max_line + 1 are checked
+# at once by jumping max_line + 1 bytes at a time; a burst holding "exit" in
+# any case, or a line of max_line bytes plus CR, takes the walk. The same
+# bytes fed byte by byte take the one-line path.
 LINES_300 = b"".join(b"%03d" % i + b"x" * 196 + b"\n" for i in range(300))  # 200 bytes each
 FIVE = LINES_300[: 5 * 200]  # 1000 bytes: five lines
 
@@ -65,6 +69,15 @@ CASES: list[tuple[str, list[Chunk], bytes, str]] = [
     ("split crlf", [b"hello\r", b"\n"], b"hello\r\n", "open"),
     ("unfinished line held", [b"hello"], b"", "open"),
     ("line then unfinished", [b"a\nbc"], b"a\n", "open"),
+    ("pipelined then unfinished", [b"a\nbb\nccc"], b"a\nbb\n", "open"),
+    (
+        "pipelined exit-like lines",
+        [b"exited\nno exit\nEXIT!\n"],
+        b"exited\nno exit\nEXIT!\n",
+        "open",
+    ),
+    ("pipelined exit in the middle", [b"a\n EXIT\r\nb\n"], b"a\n" + BYE, "exit"),
+    ("pipelined unfinished exit", [b"a\nb\nexit"], b"a\nb\n", "open"),
     ("lone cr is data", [b"a\rb\n"], b"a\rb\n", "open"),
     ("double cr", [b"a\r\r\n"], b"a\r\r\n", "open"),
     ("nul bytes", [b"\x00\x00a\x00\n"], b"\x00\x00a\x00\n", "open"),
@@ -152,6 +165,13 @@ CASES: list[tuple[str, list[Chunk], bytes, str]] = [
     ),
     ("burst then unfinished long tail", [FIVE + FIVE + A1025], FIVE + FIVE + ERR_1024, "too_long"),
     ("burst then eof tail", [FIVE + FIVE + b"tail", EOF], FIVE + FIVE + b"tail", "eof"),
+    ("burst then unfinished tail", [FIVE + FIVE + b"tail"], FIVE + FIVE, "open"),
+    (
+        "burst of max lines then one over",
+        [(A1024 + b"\n") * 3 + A1025 + b"\n"],
+        (A1024 + b"\n") * 3 + ERR_1024,
+        "too_long",
+    ),
 ]
 
 
@@ -373,6 +393,12 @@ def test_limits_other_than_1024() -> None:
     assert run([b"12345678\r\n"], 8) == (b"12345678\r\n", "open")
     assert run([b"123456789\n"], 8) == (b"ERR line too long (max 8 bytes)\n", "too_long")
     assert run([b"x\n"], 1) == (b"x\n", "open")
+    # A line of the limit plus CR inside a burst longer than the limit.
+    assert run([b"a\n12345678\r\nb\n"], 8) == (b"a\n12345678\r\nb\n", "open")
+    assert run([b"a\n123456789\nb\n"], 8) == (
+        b"a\nERR line too long (max 8 bytes)\n",
+        "too_long",
+    )
     assert run([b"xy"], 1) == (b"ERR line too long (max 1 bytes)\n", "too_long")
 
 
