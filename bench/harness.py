@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -371,6 +371,9 @@ class Settings:
     idle_settle: float
     server_cpu: int | None
     client_cpu: int | None
+    # Seconds of each of the two warm-up loads a server gets before a timed
+    # run (see warm_up); 0 skips them.
+    prewarm: float = 0.0
 
 
 def loadgen_cmd(point: Point, port: int, s: Settings) -> list[str]:
@@ -504,6 +507,38 @@ def measure_idle(point: Point, server: Server, port: int, s: Settings, tag: str)
     return rec
 
 
+def warm_up(point: Point, port: int, s: Settings, tag: str) -> list[Record]:
+    """Bring a fresh server to its steady state before it is timed.
+
+    A freshly started asyncio server on the default event loop serves its
+    first load at a third to a half of its steady rate, and threaded servers
+    and uvloop do not, so timing cold processes compares start-up effects,
+    not servers (bench/README.md has the figures). Every server gets the
+    same: one run on a single connection, then one at the point's own
+    connection count and depth, ``s.prewarm`` seconds each. Both are checked
+    like any run, so a server that breaks while warming up fails the point.
+    """
+    results: list[Record] = []
+    quick = replace(s, duration=s.prewarm, warmup=0.0)
+    for n, warm in enumerate((load_point(1, point.line_size), point)):
+        proc, reader = start_loadgen(
+            loadgen_cmd(warm, port, quick), s, f"{tag}.prewarm{n}", subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + s.connect_timeout + s.prewarm + s.grace + 10.0
+        try:
+            lg = finish_loadgen(proc, reader, deadline)
+        except TimeoutError as err:
+            raise RunError("loadgen produced no result in time while warming up") from err
+        finally:
+            if proc.poll() is None:
+                stop_process(proc, 1.0)
+        found = problems({"status": "ok", "loadgen": lg})
+        if found:
+            raise RunError(f"while warming up on {warm.label}: {'; '.join(found)}")
+        results.append({"point": warm.id, "messages_per_s": lg["messages_per_s"]})
+    return results
+
+
 def run_one(point: Point, spec: ServerSpec, rep: int, s: Settings) -> Record:
     tag = f"{spec.name}_{point.id}_r{rep}"
     rec: Record = {"point": point.id, "server": spec.name, "rep": rep, "status": "ok"}
@@ -511,8 +546,13 @@ def run_one(point: Point, spec: ServerSpec, rep: int, s: Settings) -> Record:
     try:
         port = server.wait_port()
         rec["port"] = port
-        measure = measure_idle if point.kind == "idle" else measure_load
-        rec.update(measure(point, server, port, s, tag))
+        if point.kind == "idle":
+            # RSS is measured against the untouched server: no warm-up.
+            rec.update(measure_idle(point, server, port, s, tag))
+        else:
+            if s.prewarm > 0:
+                rec["prewarm"] = warm_up(point, port, s, tag)
+            rec.update(measure_load(point, server, port, s, tag))
         if server.proc.poll() is not None:
             raise RunError(
                 f"server exited {server.proc.returncode} during the run: {tail(server.err_path)}"

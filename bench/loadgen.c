@@ -4,6 +4,11 @@
  * Load mode: open N connections before any timing starts, then keep `depth`
  * lines in flight on each one, verify every echoed byte against what was
  * sent, record the round-trip time of each line and print one JSON object.
+ * Besides the latency percentiles it reports how evenly the connections were
+ * served: the per-connection counts of lines completed in the window (min,
+ * median, max), how many connections completed none, and Jain's fairness
+ * index over those counts, (sum x)^2 / (n * sum x^2): 1 when every
+ * connection got the same service, 1/n when one connection got all of it.
  *
  * Idle mode: open N connections, echo one line on each (so the server really
  * holds a live handler per client), print "ready", hold them until stdin
@@ -54,6 +59,8 @@ struct conn {
     uint64_t recv_seq;      /* lines fully echoed so far */
     size_t recv_off;        /* bytes of line recv_seq received */
     int cur_bad;            /* line recv_seq already counted as mismatch */
+    int opened;             /* the connection was established at some point */
+    uint64_t win_lines;     /* lines completed inside the measured window */
     char *ring;             /* depth slots of line_size bytes: lines in flight */
     uint64_t *sent_ns;      /* per-slot send timestamp */
 };
@@ -272,6 +279,7 @@ static void handle_read(struct conn *c)
             completed_total++;
             if (phase == P_MEASURE) {
                 messages++;
+                c->win_lines++;
                 record_latency(t - c->sent_ns[slot]);
             }
             if (phase == P_WARMUP || phase == P_MEASURE)
@@ -296,6 +304,7 @@ static void handle_event(struct epoll_event *ev)
             return;
         }
         c->state = C_OPEN;
+        c->opened = 1;
         open_count++;
         established++;
         set_events(c, 0);
@@ -454,8 +463,52 @@ static double pct_us(double q)
     return lat[rank - 1] / 1000.0;
 }
 
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Fairness over the connections that were ever established (a connection
+ * that failed to connect was never offered any service). */
+struct fairness {
+    uint64_t min, median, max;
+    long starved;
+    double jain;
+};
+
+static struct fairness fairness(void)
+{
+    struct fairness f = {0, 0, 0, 0, 0.0};
+    uint64_t *x = malloc(((size_t)o.conns + 1) * sizeof *x);
+    if (!x)
+        return f;
+    size_t n = 0;
+    double sum = 0, sum_sq = 0;
+    for (long i = 0; i < o.conns; i++) {
+        if (!conns[i].opened)
+            continue;
+        uint64_t v = conns[i].win_lines;
+        x[n++] = v;
+        sum += (double)v;
+        sum_sq += (double)v * (double)v;
+        if (v == 0)
+            f.starved++;
+    }
+    if (n) {
+        qsort(x, n, sizeof *x, cmp_u64);
+        f.min = x[0];
+        f.median = x[n / 2];
+        f.max = x[n - 1];
+        f.jain = sum_sq > 0 ? sum * sum / ((double)n * sum_sq) : 0.0;
+    }
+    free(x);
+    return f;
+}
+
 static void print_json(double window_s, const struct rusage *r0, const struct rusage *r1)
 {
+    struct fairness f = fairness();
     if (lat_n)
         qsort(lat, lat_n, sizeof *lat, cmp_u32);
     double sum = 0;
@@ -471,13 +524,15 @@ static void print_json(double window_s, const struct rusage *r0, const struct ru
            "\"p50_us\": %.1f, \"p99_us\": %.1f, \"p99_9_us\": %.1f, \"max_us\": %.1f, "
            "\"mean_us\": %.1f, \"latency_samples_dropped\": %" PRIu64 ", "
            "\"mismatches\": %" PRIu64 ", \"errors\": %ld, \"unanswered\": %" PRIu64 ", "
+           "\"conn_lines_min\": %" PRIu64 ", \"conn_lines_median\": %" PRIu64 ", "
+           "\"conn_lines_max\": %" PRIu64 ", \"conns_starved\": %ld, \"jain\": %.4f, "
            "\"client_cpu_user_s\": %.4f, \"client_cpu_sys_s\": %.4f}\n",
            o.idle ? "idle" : "load", established, o.conns, connect_failures, o.line_size,
            o.depth, window_s, o.idle ? 0.0 : o.warmup, connect_s, messages,
            completed_total, rate, rate * (double)o.line_size / 1e6, pct_us(0.50),
            pct_us(0.99), pct_us(0.999), lat_n ? lat[lat_n - 1] / 1000.0 : 0.0,
            lat_n ? sum / (double)lat_n / 1000.0 : 0.0, lat_dropped, mismatches, errors,
-           unanswered(), cpu_s(&r1->ru_utime) - cpu_s(&r0->ru_utime),
+           unanswered(), f.min, f.median, f.max, f.starved, f.jain, cpu_s(&r1->ru_utime) - cpu_s(&r0->ru_utime),
            cpu_s(&r1->ru_stime) - cpu_s(&r0->ru_stime));
     fflush(stdout);
 }

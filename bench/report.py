@@ -80,6 +80,32 @@ def fmt_cpu(cpu: list[float], window: list[float]) -> str:
     return f"{med(cpu):.2f} ({share:.0%})"
 
 
+def fmt_fairness(sm: Summary) -> tuple[str, str]:
+    """Per-connection lines of the median run by Jain's index, and the index's range."""
+    runs = [r["loadgen"] for r in sm.ok if "jain" in r["loadgen"]]
+    if not runs:
+        return DASH, DASH  # results from a loadgen that did not count them
+    runs.sort(key=lambda lg: float(lg["jain"]))
+    mid = runs[(len(runs) - 1) // 2]
+    counts = " / ".join(
+        f"{mid[k]:,}" for k in ("conn_lines_min", "conn_lines_median", "conn_lines_max")
+    )
+    if mid["conns_starved"]:
+        counts += f" ({mid['conns_starved']:,} served none)"
+    jains = [float(lg["jain"]) for lg in runs]
+    return counts, f"{med(jains):.3f} ({min(jains):.2f}{DASH}{max(jains):.2f})"
+
+
+def fmt_cpu_per_line(sm: Summary) -> str:
+    """Server CPU seconds per million lines echoed in the window (median of runs)."""
+    per = [
+        float(r["server_cpu_s"]) / r["loadgen"]["messages"] * 1e6
+        for r in sm.ok
+        if r.get("server_cpu_s") is not None and r["loadgen"]["messages"]
+    ]
+    return f"{med(per):.2f}" if per else DASH
+
+
 def machine_info() -> list[tuple[str, str]]:
     cpu = "unknown"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -122,9 +148,10 @@ def point_table(
 ) -> list[str]:
     rows = [
         f"| server | msgs/s (median) | spread (min{DASH}max) | echod ÷ this | p50 µs | p99 µs "
-        "| p99.9 µs | server CPU s (core %) | client CPU s (core %) | other CPU s "
-        "| problems |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| p99.9 µs | lines per connection min / median / max | Jain's index "
+        "| server CPU s (core %) | server CPU s per 10⁶ lines | client CPU s (core %) "
+        "| other CPU s | problems |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     echod = sums.get((point.id, "echod"))
     echod_rate = med(echod.lg("messages_per_s")) if echod and echod.ok else None
@@ -135,17 +162,18 @@ def point_table(
         issues = remarks(sm.runs)
         if not sm.ok:
             state = "skipped" if all(r["status"] == "skipped" for r in sm.runs) else "failed"
-            rows.append(f"| {name} | {state} | | | | | | | | | {issues} |")
+            rows.append(f"| {name} | {state} |{' |' * 11} {issues} |")
             continue
         rates = sm.lg("messages_per_s")
         rate = med(rates)
         ratio = f"{echod_rate / rate:.2f}" if echod_rate and rate else DASH
         window = sm.lg("window_s")
+        counts, jain = fmt_fairness(sm)
         rows.append(
             f"| {name} | {fmt_rate(rate)} | {fmt_rate(min(rates))}{DASH}{fmt_rate(max(rates))} "
             f"| {ratio} | {med(sm.lg('p50_us')):,.0f} | {med(sm.lg('p99_us')):,.0f} "
-            f"| {med(sm.lg('p99_9_us')):,.0f} "
-            f"| {fmt_cpu(sm.field('server_cpu_s'), window)} "
+            f"| {med(sm.lg('p99_9_us')):,.0f} | {counts} | {jain} "
+            f"| {fmt_cpu(sm.field('server_cpu_s'), window)} | {fmt_cpu_per_line(sm)} "
             f"| {fmt_cpu(sm.client_cpu(), window)} | {max(sm.other_cpu()):.2f} | {issues} |"
         )
     return rows
@@ -220,8 +248,15 @@ def results_markdown(data: Record) -> str:
         "```",
         "",
         f"Each point ran {data['repeat']} times per server, servers interleaved; "
-        f"each run measures a {s.duration:g} s window after a {s.warmup:g} s warm-up, "
-        "on a freshly started server. Servers:",
+        "each run starts a fresh server, "
+        + (
+            f"warms it with {s.prewarm:g} s on 1 connection and {s.prewarm:g} s at "
+            "the point's own load, then "
+            if s.prewarm > 0
+            else "does not warm it up (--prewarm 0), then "
+        )
+        + f"measures a {s.duration:g} s window after a further {s.warmup:g} s of load. "
+        "Servers:",
         "",
         *[f"- {name}: `{display_cmd(cmd)}`" for name, cmd in cmds.items()],
         "",
@@ -243,6 +278,12 @@ def results_markdown(data: Record) -> str:
         "loopback TCP work the kernel does on its behalf. *other CPU* = the "
         "largest CPU time used by anything else during a run's window (other "
         "processes, kernel threads): if it is large the figures are disturbed. "
+        "*lines per connection* = lines each connection completed in the window "
+        "(fewest / median / most, from the run with the median Jain's index); "
+        "*Jain's index* = (Σx)² / (n·Σx²) over those counts: 1 when every connection "
+        "was served alike, 1/n when one got everything (median, and range over runs). "
+        "*server CPU s per 10⁶ lines* = the server's CPU time in the window divided "
+        "by the lines echoed in it; it moves less with the machine than msgs/s. "
         "*problems* lists "
         "connect failures, mismatched echoes, resets/closes and unanswered lines "
         "(should be none).",

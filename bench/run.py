@@ -65,6 +65,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--warmup", type=float, help="warm-up before the window, s (default 1; smoke 0.2)"
     )
     ap.add_argument(
+        "--prewarm",
+        type=float,
+        help="length of each of the two warm-up loads every server gets before a "
+        "timed run (1 connection, then the point's own), s; 0 skips them "
+        "(default 1; smoke 0.1)",
+    )
+    ap.add_argument(
         "--grace",
         type=float,
         help="bound on collecting outstanding echoes after the window, s; a "
@@ -157,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         idle_settle=args.idle_settle if args.idle_settle is not None else (0.2 if smoke else 1.0),
         server_cpu=args.server_cpu if pinned else None,
         client_cpu=args.client_cpu if pinned else None,
+        prewarm=args.prewarm if args.prewarm is not None else (0.1 if smoke else 1.0),
     )
     busy0 = machine_busy_s()
     time.sleep(0.5)
