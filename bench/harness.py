@@ -35,6 +35,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVER_START_TIMEOUT = 20.0
 SERVER_STOP_TIMEOUT = 5.0
 BUILD_TIMEOUT = 60.0
+SETTLE_TIMEOUT = 10.0  # for a server's warm-up clients' threads to end
 # A run during which everything else used more than this share of one core
 # is measured again (--retry-disturbed); the least disturbed attempt is kept.
 DISTURBED_SHARE = 0.10
@@ -507,7 +508,7 @@ def measure_idle(point: Point, server: Server, port: int, s: Settings, tag: str)
     return rec
 
 
-def warm_up(point: Point, port: int, s: Settings, tag: str) -> list[Record]:
+def warm_up(point: Point, server: Server, port: int, s: Settings, tag: str) -> list[Record]:
     """Bring a fresh server to its steady state before it is timed.
 
     A freshly started asyncio server on the default event loop serves its
@@ -517,7 +518,11 @@ def warm_up(point: Point, port: int, s: Settings, tag: str) -> list[Record]:
     same: one run on a single connection, then one at the point's own
     connection count and depth, ``s.prewarm`` seconds each. Both are checked
     like any run, so a server that breaks while warming up fails the point.
+    Then it waits (up to SETTLE_TIMEOUT) until a threaded server has ended
+    the threads of the warm-up's clients, so they do not compete with the
+    timed run's.
     """
+    threads = proc_status(server.pid).get("threads", 0)
     results: list[Record] = []
     quick = replace(s, duration=s.prewarm, warmup=0.0)
     for n, warm in enumerate((load_point(1, point.line_size), point)):
@@ -536,6 +541,9 @@ def warm_up(point: Point, port: int, s: Settings, tag: str) -> list[Record]:
         if found:
             raise RunError(f"while warming up on {warm.label}: {'; '.join(found)}")
         results.append({"point": warm.id, "messages_per_s": lg["messages_per_s"]})
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while proc_status(server.pid).get("threads", 0) > threads and time.monotonic() < deadline:
+        time.sleep(0.05)
     return results
 
 
@@ -551,7 +559,7 @@ def run_one(point: Point, spec: ServerSpec, rep: int, s: Settings) -> Record:
             rec.update(measure_idle(point, server, port, s, tag))
         else:
             if s.prewarm > 0:
-                rec["prewarm"] = warm_up(point, port, s, tag)
+                rec["prewarm"] = warm_up(point, server, port, s, tag)
             rec.update(measure_load(point, server, port, s, tag))
         if server.proc.poll() is not None:
             raise RunError(
