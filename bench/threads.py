@@ -236,6 +236,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--points", default="1000c-64B-d1")
     ap.add_argument("--duration", type=float, default=3.0)
     ap.add_argument("--prewarm", type=float, default=1.0)
+    ap.add_argument(
+        "--warmup",
+        type=float,
+        default=1.0,
+        help="load before the window, after the connections are open, s (default 1, "
+        "as in bench/run.py); a long one shows the steady state after every client "
+        "was accepted",
+    )
     ap.add_argument("--perf-sched", action="store_true", help="also record the scheduler")
     ap.add_argument("--echod-cmd", default=harness.DEFAULT_ECHOD_CMD)
     args = ap.parse_args(argv)
@@ -251,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pinned = {0, 1} <= usable
     s = harness.Settings(
         duration=args.duration,
-        warmup=1.0,
+        warmup=args.warmup,
         grace=5.0,
         connect_timeout=15.0,
         idle_settle=0.0,
