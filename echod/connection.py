@@ -38,10 +38,12 @@ except its entry in the :class:`~echod.registry.Registry`.
 
 from __future__ import annotations
 
+import _thread
 import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from echod import protocol
 from echod.admission import Admitted
@@ -49,6 +51,49 @@ from echod.admission import Admitted
 MAX_QUEUED = 256  # lines waiting for a client that is not reading; then slow_reader
 
 _now = time.monotonic
+
+
+class ClientThread:
+    """The thread that serves one client, started without waiting for it to run.
+
+    ``threading.Thread.start()`` returns only once the new thread has run far
+    enough to say so. On one busy CPU that makes the accepting thread queue
+    behind every runnable handler once per client: at 1,000 clients most of
+    them waited, unaccepted, for seconds while the first ones were served
+    (docs/benchmarks.md, the tail at 1,000 connections). The low-level
+    ``_thread.start_new_thread`` returns at once; this adds what
+    :meth:`echod.server.EchoServer.stop` needs: ``join`` with a timeout and
+    ``is_alive``, on one lock that the thread holds while it runs.
+
+    Error handling: ``can't start new thread`` is raised as the
+    ``RuntimeError`` it is; an exception escaping ``target`` still ends the
+    thread as stopped (it is reported by ``sys.unraisablehook``).
+    """
+
+    __slots__ = ("_running",)
+
+    def __init__(self, target: Callable[[], object]) -> None:
+        self._running = _thread.allocate_lock()
+        self._running.acquire()
+        try:
+            _thread.start_new_thread(self._run, (target,))
+        except BaseException:
+            self._running.release()
+            raise
+
+    def _run(self, target: Callable[[], object]) -> None:
+        try:
+            target()
+        finally:
+            self._running.release()
+
+    def join(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the thread to end."""
+        if self._running.acquire(timeout=max(0.0, timeout)):
+            self._running.release()
+
+    def is_alive(self) -> bool:
+        return self._running.locked()
 
 
 class ConnectionGone(Exception):
@@ -99,7 +144,7 @@ class Connection:
         self.peer = peer
         self.id = cid
         self.started = _now()  # for ages and durations
-        self.thread: threading.Thread | None = None  # set by the accepting thread
+        self.thread: ClientThread | None = None  # set by the accepting thread
         # Set by the handler thread before it serves (server._admit): the
         # proxy's address when a PROXY header named the client (peer is then
         # the client), and the admission to hand back when the client goes.

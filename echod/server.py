@@ -11,7 +11,10 @@ Each client is a :class:`~echod.connection.Connection` (its socket, protocol
 state, counters, write queue and send deadline; that module's docstring says
 how writes and endings work), registered in the
 :class:`~echod.registry.Registry` by the accepting thread *before* its
-handler thread starts, so ``--max-clients`` is exact.
+handler thread starts, so ``--max-clients`` is exact. The accepting thread
+does not wait for that thread to run (:class:`~echod.connection.ClientThread`):
+waiting made it queue behind every busy handler once per client, and at
+1,000 clients left most of them unaccepted for seconds.
 
 Before a client is served, :meth:`EchoHandler.setup` runs admission control
 in its thread (:meth:`EchoServer.admit`): with ``--proxy-protocol`` the peer
@@ -94,7 +97,7 @@ from echod.admission import (
     normalize,
 )
 from echod.config import Settings
-from echod.connection import Connection, ConnectionGone
+from echod.connection import ClientThread, Connection, ConnectionGone
 from echod.errors import StartupError
 from echod.logs import Logger, get_logger
 from echod.registry import Registry
@@ -458,15 +461,8 @@ class EchoServer(socketserver.TCPServer):
             self.settings.max_line,
         )
         self.registry.add(conn)
-        thread = threading.Thread(
-            target=self._run_handler,
-            args=(conn, client_address),
-            name=f"echod-client-{conn.id}",
-            daemon=True,
-        )
-        conn.thread = thread
         try:
-            thread.start()
+            conn.thread = ClientThread(lambda: self._run_handler(conn, client_address))
         except RuntimeError as err:  # can't start new thread
             conn.end_reason = "out_of_threads"
             self.registry.remove(conn, refused=True)

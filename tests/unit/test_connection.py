@@ -7,11 +7,14 @@ protocol, bump the counters) and then take the janitor's look at chosen times.
 from __future__ import annotations
 
 import socket
+import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
 
-from echod.connection import Connection
+from echod.connection import ClientThread, Connection
+from tests.helpers import TIMEOUT
 
 
 @pytest.fixture
@@ -60,3 +63,39 @@ def test_a_finished_line_restarts_the_clock_for_the_next(conn: Connection) -> No
     arrive(conn, b" line\n")
     conn.notice(13.0)
     assert conn.line_started is None
+
+
+def test_client_thread_is_alive_until_its_target_returns() -> None:
+    release = threading.Event()
+    ran = threading.Event()
+
+    def target() -> None:
+        ran.set()
+        release.wait(TIMEOUT)
+
+    thread = ClientThread(target)
+    assert ran.wait(TIMEOUT)
+    assert thread.is_alive()
+    thread.join(0.01)  # bounded: returns with the thread still running
+    assert thread.is_alive()
+    release.set()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    thread.join(0)  # joining an ended thread returns at once, any number of times
+
+
+def test_client_thread_ends_even_if_its_target_raises() -> None:
+    reported: list[BaseException | None] = []
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: reported.append(u.exc_value)
+
+    def target() -> None:
+        raise ValueError("boom")
+
+    try:
+        thread = ClientThread(target)
+        thread.join(TIMEOUT)
+    finally:
+        sys.unraisablehook = hook
+    assert not thread.is_alive()
+    assert [type(e) for e in reported] == [ValueError]
