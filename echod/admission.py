@@ -343,12 +343,7 @@ class Admission:
         with self._lock:
             now = self.clock()
             self._expire(now)
-            group = self._groups.get(key)
-            if group is None:
-                group = self._groups[key] = _Group()
-                rate = policy.connect_rate
-                if rate is not None:
-                    group.bucket = TokenBucket(rate.count, rate.count / rate.seconds, now)
+            group = self._group(key, now)
             if group.bucket is not None and not group.bucket.take(now):
                 reason = "connect_rate"
             elif policy.max_per_source and group.connections >= policy.max_per_source:
@@ -362,6 +357,30 @@ class Admission:
                 self._idle.move_to_end(key)
             self.refused[reason] += 1
         return Refused(reason, refusal_line(reason, policy.max_per_source))
+
+    def adopt(self, address: IPAddress) -> Admitted:
+        """Count a client another echod admitted and handed over (an upgrade).
+
+        No rule is applied: the client is served already and stays, whatever
+        the new settings say; it counts towards its source's limit from now on.
+        """
+        if not self._tracking:
+            return Admitted(None)
+        key = self.group_of(address)
+        with self._lock:
+            self._group(key, self.clock()).connections += 1
+            self._idle.pop(key, None)
+        return Admitted(key)
+
+    def _group(self, key: GroupKey, now: float) -> _Group:
+        """The group of ``key``, made (with its rate bucket) if new; under the lock."""
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group()
+            rate = self.policy.connect_rate
+            if rate is not None:
+                group.bucket = TokenBucket(rate.count, rate.count / rate.seconds, now)
+        return group
 
     def refuse(self, reason: str) -> Refused:
         """Count a refusal decided elsewhere too (the PROXY ones) and say what to send."""

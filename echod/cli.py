@@ -17,11 +17,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from echod import __version__, ctl, daemonize, logs, pidfile, privileges
+from echod import __version__, ctl, daemonize, logs, pidfile, privileges, successor
 from echod.config import add_arguments, given_values, parse_path
 from echod.configfile import ConfigError, Source
 from echod.errors import EchodError, UsageError
 from echod.service import Service
+from echod.upgrade import Launch
 
 DESCRIPTION = "A TCP line-echo daemon with an operator console."
 EPILOG = """\
@@ -75,11 +76,14 @@ def source_from_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> So
 def serve(argv: Sequence[str]) -> int:
     source = source_from_args(build_parser(), argv)
     settings = source.load()
+    launch = Launch.here(argv)  # how to start the same again, for an upgrade
+    if successor.is_successor():  # started by an upgrade: take over, already detached
+        return successor.successor_main(settings, source, launch)
     if not settings.foreground:
-        return daemonize.run_detached(settings, source)
+        return daemonize.run_detached(settings, source, launch)
     account = privileges.resolve_account(settings.user, settings.group)  # before binding
     logs.configure(settings.log_level, settings.log_format)
-    service = Service(settings, source=source)
+    service = Service(settings, source=source, launch=launch)
     if account is not None:
         privileges.drop_privileges(account)  # bound as root; serve as --user/--group
     return service.run()

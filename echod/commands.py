@@ -71,6 +71,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from echod import protocol
 from echod.admission import REASONS, Admission, Policy
 from echod.config import Settings
+from echod.errors import UpgradeFailed
 from echod.logs import Logger, get_logger
 from echod.registry import Client, Registry, Stats
 from echod.reload import Outcome, ReloadError
@@ -109,6 +110,7 @@ class Operated(Protocol):
     def request_stop(self, reason: str) -> None: ...
 
     def reload(self, trigger: str) -> Outcome: ...
+    def upgrade(self) -> str: ...
 
 
 T = TypeVar("T", bound=Target)
@@ -179,11 +181,13 @@ class Commands(Generic[T]):
         log: Logger | None = None,
         admission: Admission | None = None,
         reload: Callable[[], Outcome] | None = None,
+        upgrade: Callable[[], str] | None = None,
     ) -> None:
         self.registry = registry
         self._settings = settings  # called at each use: a reload replaces the settings
         self.stop = stop
         self.reloader = reload
+        self.upgrade = upgrade  # waits until the new echod serves; raises UpgradeFailed
         self.log: Logger = log if log is not None else get_logger(source="console")
         # The server's admission state, for /stats (a fresh one counts nothing).
         self.admission = admission if admission is not None else Admission(Policy())
@@ -363,6 +367,17 @@ class Commands(Generic[T]):
         self.stop()
         return "OK shutting down"
 
+    def _upgrade(self, rest: str) -> str:
+        self._no_args(rest)
+        if self.upgrade is None:
+            raise CommandError("upgrade is not available here")
+        try:
+            answer = self.upgrade()
+        except UpgradeFailed as err:
+            raise CommandError(f"upgrade failed: {err}") from None
+        self.log.info("operator_command", command="upgrade", ok=True)
+        return answer
+
 
 @dataclass(frozen=True)
 class Command:
@@ -407,6 +422,12 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command("help", "/help", "this list", Commands._help),
     Command("shutdown", "/shutdown", "stop echod gracefully, like SIGTERM", Commands._shutdown),
+    Command(
+        "upgrade",
+        "/upgrade",
+        "start the echod now installed and hand every client to it",
+        Commands._upgrade,
+    ),
 )
 _BY_NAME = {command.name: command for command in COMMANDS}
 HELP = tuple(f"{command.usage:<19} {command.help}" for command in COMMANDS)
@@ -496,4 +517,5 @@ def commands_for(service: Operated, log: Logger) -> Commands[Any]:
         log,
         service.admission,
         reload=lambda: service.reload("operator"),
+        upgrade=service.upgrade,
     )

@@ -47,6 +47,8 @@ from collections.abc import Callable
 
 from echod import protocol
 from echod.admission import Admitted
+from echod.handover import ClientState
+from echod.pause import Pause
 
 MAX_QUEUED = 256  # lines waiting for a client that is not reading; then slow_reader
 
@@ -70,9 +72,10 @@ class ClientThread:
     thread as stopped (it is reported by ``sys.unraisablehook``).
     """
 
-    __slots__ = ("_running",)
+    __slots__ = ("_running", "ident")
 
     def __init__(self, target: Callable[[], object]) -> None:
+        self.ident: int | None = None  # set by the thread itself; for a hand-over's wake-up
         self._running = _thread.allocate_lock()
         self._running.acquire()
         try:
@@ -82,6 +85,7 @@ class ClientThread:
             raise
 
     def _run(self, target: Callable[[], object]) -> None:
+        self.ident = _thread.get_ident()
         try:
             target()
         finally:
@@ -94,6 +98,10 @@ class ClientThread:
 
     def is_alive(self) -> bool:
         return self._running.locked()
+
+
+class Parked(Exception):
+    """A hand-over's pause holds this handler: end its thread, keep its client."""
 
 
 class ConnectionGone(Exception):
@@ -113,12 +121,15 @@ class Connection:
         "admitted",
         "bytes_in",
         "bytes_out",
+        "carried",
         "end_reason",
         "id",
         "last_active",
         "line_started",
         "lines_in",
         "lines_out",
+        "parked",
+        "pause",
         "peer",
         "proto",
         "seen_bytes_in",
@@ -138,6 +149,7 @@ class Connection:
         cid: int,
         send_timeout: float,
         max_line: int = protocol.DEFAULT_MAX_LINE,
+        pause: Pause | None = None,
     ) -> None:
         # Identity, fixed at accept: the socket, who it is, which client.
         self.sock = sock
@@ -150,6 +162,11 @@ class Connection:
         # the client), and the admission to hand back when the client goes.
         self.via: str | None = None
         self.admitted: Admitted | None = None
+        # A hand-over (echod.pause): the server's pause, and whether it holds
+        # this client (its handler thread ended; the client lives on).
+        self.pause = pause
+        self.parked = False
+        self.carried = False  # resumed or handed over: its pre-serve step is done
         # Protocol state: the unfinished line. The handler feeds it; the janitor reads it.
         self.proto = protocol.LineProtocol(max_line)
         # Counters. The handler only counts; the janitor turns counts into times (notice()).
@@ -256,8 +273,19 @@ class Connection:
                 self._wlock.release()
 
     def _wait_sent(self, deadline: float, ending: bool = False) -> None:
+        """Wait until the queue is sent, or the deadline; raises :class:`Parked` for a pause.
+
+        A pause wakes the poll (its descriptor becomes readable); a
+        connection still being served parks with its queue unsent, which
+        travels with it. One that is ending (``ending``, or its protocol
+        finished: ``exit`` was read) finishes here instead.
+        """
+        # The protocol is decided before the send that waits: finished stays finished.
+        pause = None if ending or self.proto.finished else self.pause
         poller = select.poll()
         poller.register(self.sock, select.POLLOUT)
+        if pause is not None:
+            poller.register(pause.wake_fd, select.POLLIN)
         while self._out and (ending or self.end_reason is None):
             remaining = deadline - _now()
             if remaining <= 0:
@@ -265,6 +293,8 @@ class Connection:
                     self.end(None, "slow_reader")
                 return
             poller.poll(min(remaining, 0.5) * 1000)
+            if pause is not None and pause.active and pause.park(self):
+                raise Parked
             self.flush()
 
     def send_last(self, data: bytes, timeout: float) -> None:
@@ -273,6 +303,56 @@ class Connection:
         self.flush()
         if self._out:
             self._wait_sent(_now() + timeout, ending=True)
+
+    # -- hand-over ---------------------------------------------------------
+
+    def state(self, fd: int, now: float) -> ClientState:
+        """What a successor needs to serve on where this one stops; its handler is parked."""
+        self.notice(now)  # counters since the janitor's last look become times
+        return ClientState(
+            id=self.id,
+            fd=fd,
+            peer=self.peer,
+            age=now - self.started,
+            idle=now - self.last_active,
+            line_age=None if self.line_started is None else now - self.line_started,
+            stalled=None if self.stalled_since is None else now - self.stalled_since,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            lines_in=self.lines_in,
+            lines_out=self.lines_out,
+            pending=self.proto.unfinished,
+            queued=list(self._out),
+            via=self.via,
+            admitted=self.admitted is not None,
+        )
+
+    @classmethod
+    def restore(
+        cls,
+        state: ClientState,
+        sock: socket.socket,
+        send_timeout: float,
+        max_line: int,
+        pause: Pause,
+        now: float,
+    ) -> Connection:
+        """The connection an old echod described with :meth:`state`, on ``sock``."""
+        conn = cls(sock, state.peer, state.id, send_timeout, max_line, pause)
+        conn.started = now - state.age
+        conn.last_active = now - state.idle
+        conn.line_started = None if state.line_age is None else now - state.line_age
+        conn.stalled_since = None if state.stalled is None else now - state.stalled
+        conn.bytes_in = conn.seen_bytes_in = state.bytes_in
+        conn.lines_in = conn.seen_lines_in = state.lines_in
+        conn.bytes_out, conn.lines_out = state.bytes_out, state.lines_out
+        conn._out = list(state.queued)
+        conn.via = state.via  # admitted: the caller counts it with its own admission
+        try:
+            conn.proto.restore(state.pending)
+        except ValueError:  # the new --max-line is shorter than the line it holds
+            conn.end(protocol.line_too_long(max_line), "line_too_long")
+        return conn
 
     # -- timing ----------------------------------------------------------
 

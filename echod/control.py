@@ -77,7 +77,9 @@ class ControlServer:
         *,
         max_sessions: int = MAX_SESSIONS,
         idle_timeout: float = IDLE_TIMEOUT,
+        sock: socket.socket | None = None,
     ) -> None:
+        """``sock``: the listening socket an upgrade handed over, already bound at ``path``."""
         self.path = Path(path)
         self.service = service
         self.max_sessions = max_sessions
@@ -92,11 +94,13 @@ class ControlServer:
             raise StartupError(
                 f"control socket path {self.path} is too long (at most {SUN_PATH_MAX} bytes)"
             )
-        _private_dir(self.path.parent)
-        self._remove_stale()
-        self._sock = self._bind()
+        if sock is None:
+            _private_dir(self.path.parent)
+            self._remove_stale()
+            sock = self._bind()
+        self._sock = sock
         st = os.stat(self.path)
-        self._identity = (st.st_dev, st.st_ino)
+        self._identity: tuple[int, int] | None = (st.st_dev, st.st_ino)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- setting up ----------------------------------------------------------
@@ -153,6 +157,15 @@ class ControlServer:
                 f"cannot listen on control socket {self.path}: {err.strerror or err}"
             ) from None
         return sock
+
+    @property
+    def listening_socket(self) -> socket.socket:
+        """The listening socket (an upgrade hands it over)."""
+        return self._sock
+
+    def leave_file(self) -> None:
+        """Another echod listens on the same socket now: :meth:`close` keeps the file."""
+        self._identity = None
 
     # -- serving ---------------------------------------------------------
 

@@ -45,6 +45,9 @@ from echod.config import default_control_socket, parse_duration, parse_path
 from echod.errors import EchodError, UsageError
 
 CLIENT_TIMEOUT = 10.0  # how long to wait for the daemon to accept, then for each answer
+# The least wait for the answer to /upgrade: a new echod starts and takes every
+# client over (echod.upgrade's START_TIMEOUT + PAUSE_TIMEOUT + READY_TIMEOUT, and some).
+UPGRADE_TIMEOUT = 120.0
 CONNECT_PAUSE = 0.01  # first pause before connecting again to a full listen queue
 CONNECT_PAUSE_MAX = 0.1  # the longest pause: a freed slot is taken within this
 PROMPT = "echod> "
@@ -96,9 +99,14 @@ class ControlClient:
         # Refused or closed: an ERR answer may still be waiting to be read.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self._sock.sendall(encode(line) + b"\n")
+        if line.strip().lower() == "/upgrade":
+            return self.read_answer(max(self.timeout, UPGRADE_TIMEOUT))
         return self.read_answer()
 
-    def read_answer(self) -> str | None:
+    def read_answer(self, timeout: float | None = None) -> str | None:
+        """The next answer; ``timeout``: longer than ``--timeout`` for this one."""
+        timeout = self.timeout if timeout is None else timeout
+        self._sock.settimeout(timeout)
         lines: list[bytes] = []
         while True:
             nl = self._buf.find(b"\n")
@@ -112,7 +120,7 @@ class ControlClient:
                 chunk = self._sock.recv(65536)
             except TimeoutError:
                 raise EchodError(
-                    f"echod did not answer within {self.timeout:g} s on control socket {self.path}"
+                    f"echod did not answer within {timeout:g} s on control socket {self.path}"
                 ) from None
             except ConnectionResetError:
                 chunk = b""
@@ -164,6 +172,8 @@ commands (the console commands without their slash):
   stats                 server counters
   reload                re-read the config file (--config) and apply it
   shutdown              stop echod gracefully
+  upgrade               start the echod now installed and hand it every client
+                        (waits up to 120 s; exit 1 if it failed, echod serves on)
   help                  the daemon's own list
 
 Exit status: 0 on OK; 2 on bad usage, ours or the daemon's (ERR usage: ...);

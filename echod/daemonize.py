@@ -64,6 +64,7 @@ from echod.errors import EchodError, StartupError
 from echod.pidfile import Pidfile, is_alive, make_dir
 from echod.privileges import drop_privileges, resolve_account
 from echod.service import Service
+from echod.upgrade import Launch
 
 UMASK = 0o027
 READY_TIMEOUT = 30.0  # how long the starting command waits for the daemon to serve
@@ -196,10 +197,13 @@ def _signal_map() -> dict[int, object]:
     return signal_map
 
 
-def run_detached(settings: Settings, source: Source | None = None) -> int:
+def run_detached(
+    settings: Settings, source: Source | None = None, launch: Launch | None = None
+) -> int:
     """Start echod as a daemon; return 0 once it serves. See the module docstring.
 
-    ``source``: where ``settings`` came from, for reloads.
+    ``source``: where ``settings`` came from, for reloads; ``launch``: how
+    echod was started, for upgrades.
     """
     account = resolve_account(settings.user, settings.group)
     _ensure_stdio()
@@ -214,7 +218,8 @@ def run_detached(settings: Settings, source: Source | None = None) -> int:
     service: Service | None = None
     try:
         pidfile.acquire()
-        service = Service(settings, log_file=log_file, source=source)
+        service = Service(settings, log_file=log_file, source=source, launch=launch)
+        service.pidfile_fd = pidfile.fileno()  # an upgrade hands it (and its lock) over
         if account is not None:
             drop_privileges(account, chown=[log_path])
         if threading.active_count() != 1:  # fork copies only the calling thread
@@ -302,7 +307,11 @@ def _become_daemon(
         log.error("daemon_crashed", error=type(err).__name__, detail=str(err), exc_info=True)
     finally:
         # Release before the original hears of a failure: a retry must find it free.
-        removed = pidfile.release()
+        removed = False
+        if service.successor_pid is not None:
+            pidfile.forget()  # the successor holds its lock and wrote its pid there
+        else:
+            removed = pidfile.release()
         if failure is not None:
             ready.fail(failure)
         log.info("exited", status=status, pidfile_removed=removed)

@@ -23,3 +23,7 @@ class StartupError(EchodError):
     """A resource needed to start (a port, a socket path, a file) is unusable."""
 
     exit_status = 1
+
+
+class UpgradeFailed(EchodError):
+    """An upgrade did not happen; the running echod serves on. The message says why."""

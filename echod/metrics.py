@@ -190,9 +190,22 @@ class _HTTPServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a stuck scraper must not hold echod's exit
     allow_reuse_address = True
 
-    def __init__(self, family: socket.AddressFamily, address: tuple[Any, ...]) -> None:
+    def __init__(
+        self,
+        family: socket.AddressFamily,
+        address: tuple[Any, ...],
+        sock: socket.socket | None = None,
+    ) -> None:
+        """``sock``: a listening socket an upgrade handed over, served instead of binding."""
         self.address_family = family  # before TCPServer.__init__ makes the socket
-        super().__init__(address, _Quiet)
+        super().__init__(address, _Quiet, bind_and_activate=sock is None)
+        if sock is not None:
+            self.socket.close()
+            self.socket = sock
+            self.server_address = sock.getsockname()
+            host, port = self.server_address[:2]
+            self.server_name, self.server_port = str(host), int(port)
+            self.setup_environ()
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind looks the host up in DNS (getfqdn), which can
@@ -206,15 +219,22 @@ class _HTTPServer(socketserver.ThreadingMixIn, WSGIServer):
 class MetricsServer:
     """The HTTP endpoint; bound by the constructor, served by :meth:`start`."""
 
-    def __init__(self, listen: str, metrics: CollectorRegistry) -> None:
+    def __init__(
+        self, listen: str, metrics: CollectorRegistry, sock: socket.socket | None = None
+    ) -> None:
         host, port = split_host_port(listen)
         family, address = resolve(host, port)
         try:
-            self._httpd = _HTTPServer(family, address)
+            self._httpd = _HTTPServer(family, address, sock)
         except OSError as err:
             raise StartupError("--metrics-listen: " + bind_error_message(host, port, err)) from None
         self._httpd.set_app(make_wsgi_app(metrics))
         self._thread: threading.Thread | None = None
+
+    @property
+    def listening_socket(self) -> socket.socket:
+        """The listening socket (an upgrade hands it over)."""
+        return self._httpd.socket
 
     @property
     def address(self) -> tuple[str, int]:

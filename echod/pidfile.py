@@ -173,6 +173,12 @@ class Pidfile:
         except OSError as err:
             raise StartupError(f"cannot write pidfile {self.path}: {err.strerror}") from None
 
+    def forget(self) -> None:
+        """Close without removing: an upgrade's successor holds the lock and names itself."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
     def release(self) -> bool:
         """Remove the pidfile (or empty it if we may not remove it) and unlock it.
 

@@ -104,6 +104,11 @@ class LineProtocol:
         """Bytes of an unfinished line held back (never above max_line + 1)."""
         return len(self._buf)
 
+    @property
+    def unfinished(self) -> bytes:
+        """The unfinished line itself (what :meth:`restore` takes back)."""
+        return self._buf
+
     def feed(self, data: bytes) -> list[Event]:
         """Take bytes from the peer; return what to do about them, in order.
 
@@ -185,6 +190,20 @@ class LineProtocol:
             return [Echo(buf, lines)] if lines else []
         events: list[Event] = [Echo(buf[:start], lines)] if lines else []
         return self._hold(buf[start:], events)
+
+    def restore(self, pending: bytes) -> None:
+        """Take over an unfinished line another echod held (an upgrade's hand-over).
+
+        Raises ValueError for bytes this protocol could not have held: a
+        complete line, or more than the limit allows.
+        """
+        if self.finished or self._buf:
+            raise ValueError("restore() needs a fresh protocol")
+        if b"\n" in pending or len(pending) > self.max_line + 1:
+            raise ValueError("not an unfinished line within the limit")
+        if len(pending) == self.max_line + 1 and pending[-1] != 0x0D:
+            raise ValueError("not an unfinished line within the limit")
+        self._buf = pending
 
     def end_of_input(self) -> list[Event]:
         """The peer closed its sending side: answer the unfinished line, then end."""

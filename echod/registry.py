@@ -90,15 +90,41 @@ class Registry(Generic[C]):
             self._next_id += 1
             return cid
 
-    def add(self, client: C) -> int:
-        """Register a client; returns how many are connected now."""
+    def add(self, client: C, notify: bool = True) -> int:
+        """Register a client; returns how many are connected now.
+
+        ``notify=False``: a client handed over by the echod this one replaces;
+        it was counted there (see :meth:`restore`), and nobody is told.
+        """
         with self._lock:
             self._clients[client.id] = client
-            self._accepted += 1
+            if notify:
+                self._accepted += 1
             count = len(self._clients)
-        if self.on_change is not None:
+        if notify and self.on_change is not None:
             self.on_change(count)
         return count
+
+    def restore(
+        self, next_id: int, accepted: int, rejected: int, gone: list[int], uptime: float
+    ) -> None:
+        """Go on with the counters of the echod this one replaces (an upgrade)."""
+        with self._lock:
+            self._next_id = max(self._next_id, next_id)
+            self._accepted, self._rejected = accepted, rejected
+            self._gone = list(gone)
+            self._started = time.monotonic() - uptime
+
+    def counters(self) -> tuple[int, int, int, list[int], float]:
+        """What :meth:`restore` takes: next id, accepted, rejected, gone traffic, uptime."""
+        with self._lock:
+            return (
+                self._next_id,
+                self._accepted,
+                self._rejected,
+                list(self._gone),
+                time.monotonic() - self._started,
+            )
 
     def remove(self, client: C, refused: bool = False) -> None:
         """Unregister a client that ended; ``refused``: it was never served (a rejection).

@@ -97,9 +97,10 @@ from echod.admission import (
     normalize,
 )
 from echod.config import Settings
-from echod.connection import ClientThread, Connection, ConnectionGone
+from echod.connection import ClientThread, Connection, ConnectionGone, Parked
 from echod.errors import StartupError
 from echod.logs import Logger, get_logger
+from echod.pause import Pause
 from echod.registry import Registry
 
 RECV_SIZE = 65536
@@ -137,6 +138,13 @@ def format_peer(addr: Any) -> str:
     return str(addr) or "unknown"
 
 
+def peer_host(peer: str) -> str:
+    """The host part of what :func:`format_peer` made (``[::1]:80`` -> ``::1``)."""
+    if peer.startswith("["):
+        return peer[1 : peer.index("]")]
+    return peer.rpartition(":")[0]
+
+
 class EchoHandler(socketserver.BaseRequestHandler):
     """Moves bytes between one client's socket and its line protocol.
 
@@ -161,9 +169,11 @@ class EchoHandler(socketserver.BaseRequestHandler):
         ``handler_error`` (reason ``error``) by :meth:`EchoServer.handle_error`.
 
         The steps, in order: the PROXY header and admission control
-        (:meth:`EchoServer.admit`).
+        (:meth:`EchoServer.admit`). Not run again for a connection that was
+        through it already (``carried``: resumed after a hand-over was called
+        off, or handed over by an upgrade).
         """
-        if self.server.gated:
+        if self.server.gated and not self.request.carried:
             self.server.admit(self.request, self.client_address)
 
     def handle(self) -> None:
@@ -186,17 +196,19 @@ class EchoHandler(socketserver.BaseRequestHandler):
         reason = "eof"
         final: bytes | None = None
         size = SMALL_RECV
+        pause = server.pause
         try:
             while True:
                 try:
                     data = recv(size)
+                except BlockingIOError:  # a hand-over's pause made the socket non-blocking
+                    if pause.park(conn):
+                        return  # the thread ends; the client, its line and its queue live on
+                    continue  # the pause was called off meanwhile: the socket blocks again
                 except OSError:
                     reason = "reset"
                     break
                 if conn.end_reason is not None:
-                    break
-                if server.stopping:  # stop() will end us soon: do no more work meanwhile
-                    conn.end(protocol.SHUTDOWN_NOTICE, "shutdown")
                     break
                 if data:
                     n = len(data)
@@ -218,15 +230,27 @@ class EchoHandler(socketserver.BaseRequestHandler):
                             self._paced(event, pace)
                             continue
                         conn.lines_in += event.lines
-                        conn.send(event.data, event.lines)
+                        # Relay first: send() may park this thread for a hand-over.
                         if relay:
                             self.on_lines(event.data)
+                        conn.send(event.data, event.lines)
                     elif type(event) is protocol.Exit:
                         reason, final = "exit", event.reply
                     elif type(event) is protocol.LineTooLong:
                         reason, final = "line_too_long", event.reply
                 if proto.finished:
                     break
+                # stop() or a hand-over wants this thread. Tested after the
+                # answer, so nothing read is left unanswered, and on every
+                # read: a client that never pauses never makes recv() fail.
+                if server.holding:
+                    if server.stopping:
+                        conn.end(protocol.SHUTDOWN_NOTICE, "shutdown")
+                        break
+                    if pause.park(conn):
+                        return
+        except Parked:
+            return
         except ConnectionGone as gone:
             reason = gone.reason
         if conn.end_reason is None:
@@ -356,6 +380,11 @@ class EchoServer(socketserver.TCPServer):
         self.request_queue_size = settings.backlog
         self.log: Logger = get_logger()
         self.stopping = False
+        # The one flag handlers test on every read: stop() or a hand-over wants them.
+        self.holding = False
+        self.pause = Pause()
+        self._paused: list[Connection] = []  # what the current pause holds
+        self._janitor_lock = threading.Lock()  # held by a check, and for a whole pause
         self._janitor_stop = threading.Event()
         self._janitor: threading.Thread | None = None
         self._resource_log_at = 0.0
@@ -459,10 +488,11 @@ class EchoServer(socketserver.TCPServer):
             self.registry.next_id(),
             self.settings.send_timeout,
             self.settings.max_line,
+            self.pause,
         )
         self.registry.add(conn)
         try:
-            conn.thread = ClientThread(lambda: self._run_handler(conn, client_address))
+            self._start_handler(conn, client_address)
         except RuntimeError as err:  # can't start new thread
             conn.end_reason = "out_of_threads"
             self.registry.remove(conn, refused=True)
@@ -473,7 +503,18 @@ class EchoServer(socketserver.TCPServer):
         if self._exhausted_since is not None:
             self._resources_back()
 
-    def _run_handler(self, conn: Connection, address: Any) -> None:
+    def _start_handler(
+        self, conn: Connection, address: Any, gate: threading.Event | None = None
+    ) -> None:
+        """Start the client's thread (it serves once ``gate`` opens); RuntimeError if none
+        can be started."""
+        conn.thread = ClientThread(lambda: self._run_handler(conn, address, gate))
+
+    def _run_handler(
+        self, conn: Connection, address: Any, gate: threading.Event | None = None
+    ) -> None:
+        if gate is not None:
+            gate.wait()
         self.log.debug("connection_opened", client=conn.id, peer=conn.peer)
         try:
             self.RequestHandlerClass(conn, address, self)
@@ -485,24 +526,28 @@ class EchoServer(socketserver.TCPServer):
             except OSError:
                 pass
         finally:
-            if conn.admitted is not None:
-                self.admission.release(conn.admitted)
-            refused = conn.end_reason in REASONS  # refused by admit(): never served
-            self.registry.remove(conn, refused=refused)
-            if not refused:
-                extra = {} if conn.via is None else {"via": conn.via}
-                self.log.info(
-                    "connection_closed",
-                    client=conn.id,
-                    peer=conn.peer,
-                    **extra,
-                    reason=conn.end_reason,
-                    duration=round(_now() - conn.started, 3),
-                    bytes_in=conn.bytes_in,
-                    bytes_out=conn.bytes_out,
-                    lines_in=conn.lines_in,
-                    lines_out=conn.lines_out,
-                )
+            if not conn.parked:  # parked for a hand-over: not closed, still registered
+                self._closed(conn)
+
+    def _closed(self, conn: Connection) -> None:
+        if conn.admitted is not None:
+            self.admission.release(conn.admitted)
+        refused = conn.end_reason in REASONS  # refused by admit(): never served
+        self.registry.remove(conn, refused=refused)
+        if not refused:
+            extra = {} if conn.via is None else {"via": conn.via}
+            self.log.info(
+                "connection_closed",
+                client=conn.id,
+                peer=conn.peer,
+                **extra,
+                reason=conn.end_reason,
+                duration=round(_now() - conn.started, 3),
+                bytes_in=conn.bytes_in,
+                bytes_out=conn.bytes_out,
+                lines_in=conn.lines_in,
+                lines_out=conn.lines_out,
+            )
 
     # -- admission: the PROXY header, then who may connect ---------------------------
 
@@ -670,7 +715,8 @@ class EchoServer(socketserver.TCPServer):
         while not self._janitor_stop.wait(self._janitor_tick()):
             self._janitor_rounds += 1
             try:
-                self.check_timeouts()
+                with self._janitor_lock:
+                    self.check_timeouts()
             except Exception:
                 self.log.error("janitor_error", exc_info=True)
 
@@ -740,7 +786,7 @@ class EchoServer(socketserver.TCPServer):
     def stop(self, timeout: float) -> bool:
         """Graceful stop; see the module docstring. Not from the serve_forever thread."""
         deadline = _now() + timeout
-        self.stopping = True
+        self.stopping = self.holding = True
         self.shutdown()
         self.socket.close()
         clients = self.registry.snapshot()
@@ -756,6 +802,91 @@ class EchoServer(socketserver.TCPServer):
             os.close(self._reserve_fd)
             self._reserve_fd = None
         return all(c.thread is None or not c.thread.is_alive() for c in clients)
+
+    # -- handing over --------------------------------------------------------
+
+    def pause_clients(self, timeout: float) -> list[Connection]:
+        """Stop accepting and the janitor, and park every client's handler (echod.pause).
+
+        Returns the parked connections, whose state and sockets the caller
+        hands over (:meth:`let_go`) or gives back (:meth:`resume`). Clients
+        already ending are not parked; they finish here. Raises
+        :class:`~echod.pause.PauseTimeout` after resuming, if some handler did
+        not park within ``timeout``. Not from the serve_forever thread.
+        """
+        self.holding = True
+        self.shutdown()  # the accept loop; the listening socket stays open, queueing clients
+        self._janitor_lock.acquire()
+        self._paused = self.registry.snapshot()
+        try:
+            return self.pause.hold(self._paused, timeout)
+        except BaseException:
+            self.resume()
+            raise
+
+    def resume(self) -> None:
+        """Call a pause off: every parked client is served here again, accepting goes on."""
+        paused, self._paused = self._paused, []
+        parked = [c for c in paused if c.parked]
+        self.pause.release(paused)
+        self.holding = self.stopping
+        self._janitor_lock.release()
+        self._restart(parked).set()
+        threading.Thread(target=self.serve_forever, name="echod-accept", daemon=True).start()
+
+    def let_go(self) -> None:
+        """The successor serves the parked clients: forget them and close our descriptors.
+
+        Clients that were ending stay until they are done; the janitor looks
+        after them, and nothing is accepted here any more.
+        """
+        paused, self._paused = self._paused, []
+        handed = [c for c in paused if c.parked]
+        self.pause.release(paused, restore=False)  # the successor set them blocking
+        for conn in handed:
+            self.registry.remove(conn)
+            conn.sock.close()  # our descriptor only: the successor holds its own
+        self.socket.close()
+        self._janitor_lock.release()
+
+    def retire(self, timeout: float) -> bool:
+        """After :meth:`let_go`: let the clients that were ending here finish, then stop."""
+        deadline = _now() + timeout
+        for conn in self.registry.snapshot():
+            if conn.thread is not None:
+                conn.thread.join(max(0.0, deadline - _now()))
+        return self.stop(max(0.0, deadline - _now()))
+
+    def adopt(self, conns: list[Connection]) -> threading.Event:
+        """Take connections another echod handed over: register them, start their handlers.
+
+        The handlers wait until the returned gate is set (once the old echod
+        has let go).
+        """
+        for conn in conns:
+            os.set_blocking(conn.sock.fileno(), True)  # the old echod's handlers are parked
+            self.registry.add(conn, notify=False)
+        return self._restart(conns)
+
+    def _restart(self, conns: list[Connection]) -> threading.Event:
+        """Start handlers for connections that have none, held at a gate until it is set.
+
+        Starting a thread waits for it to run; with the other handlers
+        already busy, each start would wait for the GIL, a switch interval
+        at a time: thousands of them took seconds. Held at the gate, the new
+        threads only block, and the starts take milliseconds.
+        """
+        gate = threading.Event()
+        for conn in conns:
+            conn.flush()  # output queued while it was parked
+            try:
+                conn.carried = True  # through its pre-serve step already: not again
+                self._start_handler(conn, None, gate)
+            except RuntimeError:  # can't start new thread: nothing else can serve it
+                conn.end(protocol.error_line("server busy, try again later"), "busy")
+                conn.sock.close()
+                self._closed(conn)
+        return gate
 
 
 def _refuse(sock: socket.socket, line: bytes) -> None:

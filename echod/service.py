@@ -42,24 +42,30 @@ import os
 import resource
 import select
 import signal
+import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 
-from echod import logs, systemd
+from echod import logs, pause, systemd, upgrade
+from echod.admission import normalize
 from echod.config import Settings
 from echod.configfile import Source
 from echod.connection import Connection
 from echod.console import StdinConsole
 from echod.control import ControlServer
+from echod.errors import UpgradeFailed
 from echod.logs import LogFile, Logger, get_logger
 from echod.metrics import MetricsServer, metrics_registry
 from echod.registry import Registry
 from echod.reload import Commit, Outcome, Reloader, ReloadError
-from echod.server import EchoServer
+from echod.server import EchoServer, peer_host
+from echod.upgrade import Inherited, Launch
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+UPGRADE_SIGNAL = signal.SIGUSR2  # as nginx and gunicorn use it
 # Descriptors besides one per client: std streams, listener, reserve, control
 # socket and its sessions, log file, wake pipe, /proc reads by libraries.
 NOFILE_HEADROOM = 64
@@ -106,26 +112,46 @@ class Service:
     """One echod instance: a server, its operator interfaces and its lifecycle."""
 
     def __init__(
-        self, settings: Settings, log_file: LogFile | None = None, source: Source | None = None
+        self,
+        settings: Settings,
+        log_file: LogFile | None = None,
+        source: Source | None = None,
+        launch: Launch | None = None,
+        inherited: Inherited | None = None,
     ) -> None:
+        """``source``: where ``settings`` came from, for reloads. ``launch``: how
+        echod was started (None: it cannot upgrade itself). ``inherited``: what
+        the echod this one replaces handed over (an upgrade)."""
         self.log: Logger = get_logger()
         self.reloader = Reloader(settings, source, self.log)
         self.log_file = log_file
+        self.launch = launch
         self.nofile_limit = raise_nofile_limit(settings.max_clients, self.log)
         self.registry: Registry[Connection] = Registry()
-        sockets = systemd.listen_sockets()  # socket activation: serve what systemd passed
-        adopted = sockets[0] if sockets else None
+        if inherited is not None:
+            adopted: socket.socket | None = inherited.listener
+            self.socket_activated = inherited.state.socket_activated
+        else:
+            sockets = systemd.listen_sockets()  # socket activation: serve what systemd passed
+            adopted = sockets[0] if sockets else None
+            self.socket_activated = adopted is not None
         self.server = EchoServer(settings, self.registry, listener=adopted)
         self.admission = self.server.admission  # its refusal counts, for /stats
-        self.socket_activated = adopted is not None
+        self.pidfile_fd: int | None = None  # a detached echod's, handed over on upgrade
+        self.successor_pid: int | None = None  # set once an upgrade handed everything over
+        self.upgraded_from = inherited.state.pid if inherited is not None else None
+        self._upgrade_lock = threading.Lock()
+        self._gate: threading.Event | None = None  # adopted clients' handlers wait for it
         self._stop_reason: str | None = None
         self._signals: list[int] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._closers: list[Callable[[], None]] = []
         if systemd.notifying():
             self.registry.on_change = _notify_status
-        self.metrics = self._open_metrics()  # before the control socket: a file to clean up
-        self.control = self._open_control()
+        self.metrics = self._open_metrics(inherited.metrics if inherited else None)
+        self.control = self._open_control(inherited.control if inherited else None)
+        if inherited is not None:  # last: from here on the clients are held for serving
+            self._adopt(inherited)
         self.reloader.add(self._apply_logging)
         self.reloader.add(lambda old, new: lambda: self.server.apply(new))
         self.reloader.add(self._apply_max_clients)
@@ -156,23 +182,45 @@ class Service:
 
         return commit
 
+    def _adopt(self, inherited: Inherited) -> None:
+        state = inherited.state
+        self.registry.restore(
+            state.next_id, state.accepted, state.rejected, state.gone, state.uptime
+        )
+        now, s = time.monotonic(), self.settings
+        conns = []
+        for c in state.clients:
+            conn = Connection.restore(
+                c, inherited.clients[c.id], s.send_timeout, s.max_line, self.server.pause, now
+            )
+            if c.admitted and self.server.gated:  # counts towards its source's limit here too
+                conn.admitted = self.admission.adopt(normalize(peer_host(conn.peer)))
+            conns.append(conn)
+        self._gate = self.server.adopt(conns)
+
     # -- operator interfaces ------------------------------------------------
 
-    def _open_control(self) -> ControlServer | None:
+    def _open_control(self, inherited: socket.socket | None) -> ControlServer | None:
         """Bind the control socket now, so a bad path fails before detaching."""
         path = self.settings.control_socket
         if path is None:
+            if inherited is not None:
+                inherited.close()
             return None
-        control = ControlServer(path, self)
+        control = ControlServer(path, self, sock=inherited)
         self._closers.append(control.close)
         return control
 
-    def _open_metrics(self) -> MetricsServer | None:
+    def _open_metrics(self, inherited: socket.socket | None) -> MetricsServer | None:
         """Bind --metrics-listen now, so a bad address fails before detaching."""
         listen = self.settings.metrics_listen
         if listen is None:
+            if inherited is not None:
+                inherited.close()
             return None
-        server = MetricsServer(listen, metrics_registry(self.registry, lambda: self.settings))
+        server = MetricsServer(
+            listen, metrics_registry(self.registry, lambda: self.settings), sock=inherited
+        )
         self._closers.append(server.close)
         return server
 
@@ -213,10 +261,50 @@ class Service:
     _stopping = False
     _watchdog: systemd.Watchdog | None = None
 
+    # -- upgrading ---------------------------------------------------------
+
+    def upgrade(self) -> str:
+        """Hand every client to the echod now installed (echod.upgrade); the OK answer.
+
+        Raises :class:`UpgradeFailed`; this echod then serves on as before.
+        From any thread but the main one (it waits for the successor).
+        """
+        if self.launch is None:
+            raise UpgradeFailed("this echod was not started by the echod command")
+        if not self._upgrade_lock.acquire(blocking=False):
+            raise UpgradeFailed("another upgrade is in progress")
+        try:
+            if self._stop_reason is not None:
+                raise UpgradeFailed("echod is stopping")
+            done = upgrade.upgrade(
+                self.launch,
+                self.server,
+                self.registry,
+                self.log,
+                control=self.control.listening_socket if self.control is not None else None,
+                metrics=self.metrics.listening_socket if self.metrics is not None else None,
+                pidfile_fd=self.pidfile_fd,
+                socket_activated=self.socket_activated,
+            )
+            self.successor_pid = done.new_pid
+            if self.control is not None:
+                self.control.leave_file()  # the successor listens on it now
+            self.request_stop("upgraded")
+        finally:
+            self._upgrade_lock.release()
+        return f"OK upgraded pid {done.old_pid} -> {done.new_pid}"
+
+    def _upgrade_on_signal(self) -> None:
+        try:
+            self.upgrade()
+        except UpgradeFailed:
+            pass  # logged as upgrade_failed; nobody else to tell
+
     def run(self, on_ready: Callable[[], None] | None = None) -> int:
         """Serve until stopped; see the module docstring for the steps."""
-        for sig in (*STOP_SIGNALS, signal.SIGHUP):
+        for sig in (*STOP_SIGNALS, signal.SIGHUP, UPGRADE_SIGNAL):
             signal.signal(sig, self._on_signal)
+        pause.install_wake_handler()
         # A signal taken by another thread (e.g. pending across SIGSTOP/SIGCONT) must
         # still wake the main loop at once; Python runs handlers on the main thread only.
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
@@ -240,15 +328,19 @@ class Service:
             control_socket=str(s.control_socket) if s.control_socket else None,
             max_clients=s.max_clients,
             max_line=s.max_line,
+            clients=len(self.registry),
+            upgraded_from=self.upgraded_from,
         )
         interval = systemd.watchdog_interval()  # READY=1 arms systemd's side
         if interval is not None:
             self._watchdog = systemd.Watchdog(interval, self.server.progress)
+        if on_ready is not None:
+            on_ready()  # a successor: after this, the old echod has let go
+        if self._gate is not None:
+            self._gate.set()  # the clients handed over are served from here on
         systemd.notify("READY=1")
         if self.registry.on_change is not None:  # systemctl status shows a count from the start
             self.registry.on_change(len(self.registry))
-        if on_ready is not None:
-            on_ready()
         self._wait_for_stop()
         return self._shutdown()
 
@@ -268,6 +360,10 @@ class Service:
                 signum = self._signals.pop(0)
                 if signum == signal.SIGHUP:
                     self._on_sighup()
+                elif signum == UPGRADE_SIGNAL:
+                    threading.Thread(
+                        target=self._upgrade_on_signal, name="echod-upgrade", daemon=True
+                    ).start()
                 else:
                     self.request_stop(signal.Signals(signum).name)
 
@@ -304,11 +400,15 @@ class Service:
         self.log.info("log_reopened", path=str(log_file.path))
 
     def _shutdown(self) -> int:
-        self._stopping = True
+        with self._upgrade_lock:  # an upgrade in progress ends first, one way or the other
+            self._stopping = True
         clients = len(self.registry)
         self.log.info("stopping", reason=self._stop_reason, clients=clients)
-        systemd.notify("STOPPING=1")
-        complete = self.server.stop(self.settings.shutdown_timeout)
+        if self.successor_pid is None:
+            systemd.notify("STOPPING=1")
+            complete = self.server.stop(self.settings.shutdown_timeout)
+        else:  # the successor is the service now; these clients were ending anyway
+            complete = self.server.retire(self.settings.shutdown_timeout)
         for close in reversed(self._closers):
             close()
         if not complete:
@@ -319,7 +419,7 @@ class Service:
             )
         # Step 7: the interpreter's teardown (_PySignal_Fini) resets handled
         # signals to SIG_DFL, but leaves ignored ones ignored.
-        for sig in (*STOP_SIGNALS, signal.SIGHUP):
+        for sig in (*STOP_SIGNALS, signal.SIGHUP, UPGRADE_SIGNAL):
             signal.signal(sig, signal.SIG_IGN)
         stats = self.registry.stats()
         self.log.info(

@@ -232,6 +232,7 @@ class Client:
 
     ``source``: the address to connect from (all of 127/8 is loopback, so
     127.0.0.2, 127.0.0.3, ... are other sources for admission control).
+    ``rcvbuf``: a small receive window, so that echod's sends to it stall soon.
     """
 
     def __init__(
@@ -240,9 +241,12 @@ class Client:
         host: str = "127.0.0.1",
         timeout: float = TIMEOUT,
         source: str | None = None,
+        rcvbuf: int | None = None,
     ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
+        if rcvbuf is not None:  # before connect(): the window is agreed on then
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(timeout)
         if source is not None:
             self.sock.bind((source, 0))
@@ -402,7 +406,11 @@ class EchodProcess:
     """The real ``echod`` command in a subprocess, its stderr parsed as JSON events."""
 
     def __init__(
-        self, args: list[str], env: dict[str, str] | None = None, ready_event: str = "listening"
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        ready_event: str = "listening",
+        cwd: Path = ROOT,
     ) -> None:
         cmd = [sys.executable, "-m", "echod", *args]
         self.proc = subprocess.Popen(
@@ -411,7 +419,7 @@ class EchodProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env={**os.environ, **(env or {})},
-            cwd=ROOT,
+            cwd=cwd,
         )
         self.pid = self.proc.pid
         self.events: list[dict[str, Any]] = []

@@ -506,6 +506,9 @@ class _NoService:
     def request_stop(self, reason: str) -> None:
         raise AssertionError("not expected")
 
+    def upgrade(self) -> str:
+        raise AssertionError("not expected")
+
     def reload(self, trigger: str) -> Outcome:
         raise AssertionError("not expected")
 

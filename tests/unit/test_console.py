@@ -16,6 +16,7 @@ import pytest
 
 from echod.admission import Admission, Policy
 from echod.console import StdinConsole
+from echod.errors import UpgradeFailed
 from echod.reload import Outcome, ReloadError
 from tests.unit.test_commands import TIMEOUT, Rig, make_rig, rig
 
@@ -37,6 +38,9 @@ class FakeService:
 
     def reload(self, trigger: str) -> Outcome:
         raise ReloadError("no config file here")
+
+    def upgrade(self) -> str:
+        raise UpgradeFailed("not in this test")
 
 
 def _read_all(fd: int) -> bytes:

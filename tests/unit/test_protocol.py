@@ -465,3 +465,32 @@ def test_wire_texts() -> None:
 )
 def test_is_exit(line: bytes, expected: bool) -> None:
     assert protocol.is_exit(line) is expected
+
+
+# -- restore: an unfinished line handed over by an upgrade ----------------------
+
+
+def test_restore_continues_the_unfinished_line() -> None:
+    proto = LineProtocol(8)
+    proto.restore(b"half")
+    assert proto.unfinished == b"half"
+    assert proto.feed(b" way\n") == [Echo(b"half way\n", 1)]
+
+
+def test_restore_keeps_a_line_at_the_limit_and_its_cr() -> None:
+    proto = LineProtocol(4)
+    proto.restore(b"abcd\r")
+    assert proto.feed(b"\n") == [Echo(b"abcd\r\n", 1)]
+
+
+@pytest.mark.parametrize("pending", [b"a\nb", b"x" * 5, b"abcde"])
+def test_restore_refuses_what_the_protocol_could_not_hold(pending: bytes) -> None:
+    with pytest.raises(ValueError):
+        LineProtocol(4).restore(pending)
+
+
+def test_restore_needs_a_fresh_protocol() -> None:
+    proto = LineProtocol(8)
+    proto.feed(b"abc")
+    with pytest.raises(ValueError):
+        proto.restore(b"x")
