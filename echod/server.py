@@ -61,14 +61,26 @@ Extension points: :attr:`EchoServer.RequestHandlerClass`,
 through before it is served), :meth:`EchoHandler.on_lines` (chat relay),
 :attr:`Registry.on_change`.
 
+Hand-over
+---------
+An upgrade (:mod:`echod.upgrade`) passes every client to another echod.
+:meth:`EchoServer.pause_clients` stops the accept loop (the listening socket
+stays open) and the janitor, and parks every handler where it holds no
+unanswered byte (:mod:`echod.pause` has the mechanism); the handler's only
+cost on its hot path is the ``holding`` flag it tests after each read, the
+one :meth:`stop` sets too. Then either :meth:`EchoServer.let_go` (the
+successor serves them: forget them, close our descriptors) or
+:meth:`EchoServer.resume` (called off: start their handlers again). The
+successor's side is :meth:`EchoServer.adopt`.
+
 Shutdown
 --------
 From any thread but the one running :meth:`serve_forever`, :meth:`EchoServer.stop`:
 
 1. stops the accept loop (``shutdown()``) and closes the listening socket;
 2. sends every client ``Server shutting down`` and shuts its socket down
-   (a handler that reads meanwhile does that itself rather than echo: busy
-   handlers would otherwise starve this loop of the GIL);
+   (a handler that reads meanwhile answers that read, then does that itself:
+   busy handlers would otherwise starve this loop of the GIL);
 3. joins the handler threads until the deadline;
 4. stops the janitor. Returns whether every handler ended in time.
 """

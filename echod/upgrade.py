@@ -9,7 +9,10 @@ Design
    was started with, from the directory O was started in (relative paths
    mean the same), with one end of a socketpair as ``$ECHOD_HANDOVER_FD``,
    and its stderr on a pipe until it is ready (a copy of the real one is
-   ``$ECHOD_HANDOVER_STDERR``). ``sys.executable -m echod`` rather than
+   ``$ECHOD_HANDOVER_STDERR``). S is started through a process that forks
+   it and exits (:data:`_SPAWN`), so S is the service manager's child, not
+   O's: systemd waits for (and so stops gracefully) only a main process
+   that is its own child. ``sys.executable -m echod`` rather than
    ``argv[0]``: a detached O runs in ``/``, where a relative ``argv[0]``
    means nothing, and it is the same interpreter importing the echod package
    installed now, whichever way O was started.
@@ -60,6 +63,7 @@ from echod.errors import UpgradeFailed
 from echod.handover import Channel, HandoverError, ServerState
 from echod.logs import Logger
 from echod.pause import PauseTimeout
+from echod.pidfile import is_alive
 from echod.registry import Registry
 from echod.server import EchoServer
 
@@ -130,6 +134,16 @@ class Inherited:
         )
 
 
+# The successor is started through this, so that it is not our child: its
+# parent exits at once, and it becomes the child of the service manager (PID 1
+# or the nearest subreaper). systemd only waits for a main process that is its
+# child: with one that is not (MAINPID= naming our child), a stop sends
+# SIGTERM and then, having nothing to wait for, SIGKILL at once.
+_SPAWN = (
+    "import os, sys\nif os.fork() == 0:\n    os.execv(sys.argv[1], sys.argv[1:])\nos._exit(0)\n"
+)
+
+
 class Successor:
     """The starting echod, its channel and its stderr until it is ready."""
 
@@ -142,28 +156,32 @@ class Successor:
             handover.CHANNEL_ENV: str(theirs.fileno()),
             handover.STDERR_ENV: str(real_stderr),
         }
+        if env.get("WATCHDOG_PID") == str(os.getpid()):
+            # systemd's watchdog is meant for the main process, which S becomes
+            # (sd_watchdog_enabled(3): no WATCHDOG_PID means "this process").
+            del env["WATCHDOG_PID"]
+        self.pid: int | None = None  # from its hello
         self._tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         try:
             try:
                 cwd = launch.cwd if os.path.isdir(launch.cwd) else "/"
-                self.proc = subprocess.Popen(
-                    launch.command(),
+                spawner = subprocess.Popen(
+                    [sys.executable, "-I", "-c", _SPAWN, *launch.command()],
                     cwd=cwd,
                     env=env,
                     pass_fds=(theirs.fileno(), real_stderr),
                     stdin=subprocess.DEVNULL,
                     stderr=err_w,
                 )
-            except OSError as err:
+                spawner.wait(EXIT_WAIT)  # it only forks
+            except (OSError, subprocess.TimeoutExpired) as err:
                 os.close(err_r)
-                raise UpgradeFailed(
-                    f"cannot start {launch.command()[0]}: {err.strerror or err}"
-                ) from None
+                why = err.strerror if isinstance(err, OSError) else None
+                raise UpgradeFailed(f"cannot start {sys.executable}: {why or err}") from None
         finally:
             theirs.close()
             os.close(err_w)
             os.close(real_stderr)
-        self.pid = self.proc.pid
         self.channel = Channel(ours)
         self._stderr = threading.Thread(
             target=self._copy_stderr, args=(err_r,), name="echod-upgrade-stderr", daemon=True
@@ -189,11 +207,16 @@ class Successor:
         finally:
             os.close(fd)
 
+    def hello(self) -> None:
+        """Wait for the successor's hello: it parsed its arguments and config file."""
+        hello = self.channel.recv(START_TIMEOUT, "hello")
+        handover.check_version(hello)
+        self.pid = int(hello["pid"])
+
     def failure(self, what: str) -> str:
         """Why the successor failed, in its own words when it left any."""
         self.kill()
-        self._stderr.join(EXIT_WAIT)
-        status = self.proc.poll()
+        self._stderr.join(EXIT_WAIT)  # its end: the successor exited
         words = [line.strip() for line in self._tail if line.strip()]
         # cli's "echod: <sentence>" comes last; else a traceback's last line.
         # Log events (JSON or key=value lines) say less than the exit status.
@@ -202,20 +225,21 @@ class Successor:
                 return line[sentence.end() :]
         if words and not _LOG_LINE.match(words[-1]):
             return words[-1]
-        if status is not None and status < 0:
-            return f"{what}; the new echod was killed by {signal.Signals(-status).name}"
-        if status is not None:
-            return f"{what}; the new echod exited with status {status}"
         return what
 
     def kill(self) -> None:
-        """Give a failed successor a moment to exit by itself, then kill it; reap it."""
-        try:
-            self.proc.wait(EXIT_WAIT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(EXIT_WAIT)
+        """Close the channel (a successor waiting on it exits), then kill it if it stays."""
         self.channel.close()
+        if self.pid is None:
+            return  # it never said hello: it exits when it finds the channel closed
+        deadline = time.monotonic() + EXIT_WAIT
+        while is_alive(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if is_alive(self.pid):
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # it just went
 
 
 def server_state(
@@ -304,7 +328,7 @@ def _upgrade(
     successor = Successor(launch)
     channel = successor.channel
     try:
-        handover.check_version(channel.recv(START_TIMEOUT, "hello"))
+        successor.hello()
     except HandoverError as err:
         raise UpgradeFailed(successor.failure(str(err))) from None
     paused_at = time.monotonic()
@@ -329,6 +353,7 @@ def _upgrade(
         successor.failure("")
         raise
     pause = time.monotonic() - paused_at
+    assert successor.pid is not None
     systemd.notify(f"MAINPID={successor.pid}")
     server.let_go()
     try:

@@ -407,3 +407,33 @@ def test_security_exposure(echod: Machine) -> None:
     match = re.search(r"Overall exposure level for echod\.service:\s*([0-9.]+)", out)
     assert match, out
     assert float(match.group(1)) <= MAX_EXPOSURE, out
+
+
+def test_upgrade_keeps_the_client_and_systemd_follows_the_new_pid(echod: Machine) -> None:
+    """docs/deploy.md, "Upgrading": echod ctl upgrade under the shipped unit."""
+    m = echod
+    m.run("systemctl", "start", "echod.service")
+    before = _service(m)
+    client = _hold(m)
+    done = m.run("echod", "ctl", "--control-socket", "/run/echod/control.sock", "upgrade")
+    match = re.fullmatch(r"OK upgraded pid (\d+) -> (\d+)\n", done.stdout)
+    assert match, done.stdout + done.stderr
+    old, new = match.groups()
+    assert old == before["MainPID"]
+    after = _wait("systemd to follow", lambda: _running(m, other_than=old))
+    assert after["MainPID"] == new, after
+    assert after["NRestarts"] == before["NRestarts"]  # handed over, not restarted
+    assert m.client_run("echo", PORT) == "ok\n"
+    _wait("the old echod to exit", lambda: m.sh(f"kill -0 {old}", check=False).returncode)
+    # The new main process feeds the watchdog (WatchdogSec=30s: a ping every 15 s).
+    pinged = after["WatchdogTimestampMonotonic"]
+    _wait(
+        "a watchdog ping from the new echod",
+        lambda: _service(m)["WatchdogTimestampMonotonic"] != pinged,
+    )
+    assert _service(m)["MainPID"] == new
+    m.run("systemctl", "stop", "echod.service")
+    # The client connected before the upgrade was never cut: the new echod ends it.
+    assert finish(client) == "Server shutting down\nEOF\n"
+    state = _service(m)
+    assert (state["ActiveState"], state["Result"]) == ("inactive", "success"), state
