@@ -354,6 +354,7 @@ def _upgrade(
         raise
     pause = time.monotonic() - paused_at
     assert successor.pid is not None
+    registry.on_change = None  # STATUS= comes from S now; ours would be refused
     systemd.notify(f"MAINPID={successor.pid}")
     server.let_go()
     try:
