@@ -344,3 +344,26 @@ def test_systemd_main_pid_follows_the_upgrade(upgrades: Upgrades, ctl_dir: Path)
     assert notify.got.index(main) < notify.got.index(ready)
     assert (old.pid, "STOPPING=1") not in notify.got  # the service does not stop
     notify.sock.close()
+
+
+def test_proxy_clients_keep_their_address_and_count_towards_their_limit(
+    upgrades: Upgrades,
+) -> None:
+    """PROXY-header clients: the new echod knows them by the address the header named,
+    does not read a header again, and counts them towards --max-per-source."""
+    old = upgrades.start(
+        *("--proxy-protocol", "v1", "--proxy-trusted", "127.0.0.0/8", "--max-per-source", "1")
+    )
+    client = Client(old.port)
+    assert client.roundtrip(b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 7878\r\nhi\n") == b"hi\n"
+    listed = ctl(upgrades.sock, "list").out
+    assert "addr=192.0.2.7:5555" in listed, listed
+    upgrades.upgrade()
+    listed = ctl(upgrades.sock, "list").out
+    assert "addr=192.0.2.7:5555" in listed and "via=127.0.0.1:" in listed, listed
+    # The line after the upgrade is a line, not a PROXY header read again.
+    assert client.roundtrip(b"after\n") == b"after\n"
+    # The same source again: over its limit of one, counted in the new echod.
+    second = Client(old.port)
+    second.send(b"PROXY TCP4 192.0.2.7 127.0.0.1 5556 7878\r\n")
+    assert second.readline() == b"ERR too many connections from your address (max 1)\n"
