@@ -246,6 +246,11 @@ def measure(
             record["sent_s"] = done["sent_in"]
             record["handed_over"] = done["clients"]
         result = run.finish_loadgen(proc, reader, deadline)
+        if upgrade and record["handed_over"] < result["connections"]:
+            raise run.RunError(
+                f"only {record['handed_over']} of {result['connections']} connections were "
+                "handed over: the upgrade ended after loadgen's window; use a longer --duration"
+            )
     finally:
         server.stop()
     for key in ("completed_total", "mismatches", "errors", "unanswered", "p99_us", "max_us"):
