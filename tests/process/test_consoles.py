@@ -15,9 +15,11 @@ is in readline's mode. The pty master reports the terminal's modes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -292,3 +294,43 @@ def test_echod_console_up_arrow_and_bare_words(
         assert_next_push(client, term, b"only this")
     finally:
         client.close()
+
+
+# -- /upgrade, typed at either console ------------------------------------------------
+
+
+def _end_successor(screen: bytes) -> None:
+    """The echod an /upgrade started is nobody's child here: end it by its pid."""
+    match = re.search(rb"OK upgraded pid \d+ -> (\d+)", screen)
+    if match is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(match.group(1)), signal.SIGKILL)
+
+
+def test_stdin_console_upgrade_hands_the_client_over(
+    foreground: tuple[Terminal, int, Client],
+) -> None:
+    term, _, client = foreground
+    try:
+        term.type(b"/upgrade\r")
+        line = term.expect(b"OK upgraded pid", timeout=120)
+        assert re.search(rb"OK upgraded pid \d+ -> \d+", line), line
+        assert term.wait(30) == 0  # the old echod left; the new one has no stdin console
+        assert client.roundtrip(b"still served\n") == b"still served\n"
+    finally:
+        _end_successor(term.screen)
+
+
+def test_echod_console_upgrade(
+    terminal: Callable[..., Terminal], daemon: EchodProcess, sock_path: Path
+) -> None:
+    client = Client(daemon.port)
+    term = echod_console(terminal, sock_path)
+    try:
+        assert client.roundtrip(b"before\n") == b"before\n"
+        term.type(b"/upgrade\r")
+        term.expect(b"OK upgraded pid %d -> " % daemon.pid, timeout=120)
+        assert client.roundtrip(b"after\n") == b"after\n"
+    finally:
+        client.close()
+        _end_successor(term.screen)
