@@ -48,9 +48,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run  # bench/run.py: the load generator and its helpers
+import harness  # bench/harness.py: the load generator and its helpers
 
-RESULTS = run.OUT / "upgrade_pause.json"
+RESULTS = harness.OUT / "upgrade_pause.json"
 START_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 60.0
 
@@ -67,7 +67,7 @@ def paced(
     sel = selectors.DefaultSelector()
     socks = []
     for _ in range(clients):
-        sock = socket.create_connection((run.HOST, port), timeout=CONNECT_TIMEOUT)
+        sock = socket.create_connection((harness.HOST, port), timeout=CONNECT_TIMEOUT)
         sock.setblocking(False)
         socks.append(sock)
     for i, sock in enumerate(socks):
@@ -100,7 +100,7 @@ def paced(
             i = key.data
             chunk = socks[i].recv(65536)
             if not chunk:
-                raise run.RunError(f"client {i} was disconnected")
+                raise harness.RunError(f"client {i} was disconnected")
             inbox[i] += chunk
             t = time.monotonic()
             while b"\n" in inbox[i]:
@@ -143,7 +143,7 @@ class Echod:
             str(connections + 100),
         ]
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=run.REPO
+            cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=harness.REPO
         )
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
@@ -163,7 +163,7 @@ class Echod:
             try:
                 event = self.events.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
-                raise run.RunError(f"echod logged no {name} within {timeout:g} s") from None
+                raise harness.RunError(f"echod logged no {name} within {timeout:g} s") from None
             if event.get("event") == name:
                 return event
 
@@ -173,7 +173,7 @@ class Echod:
             capture_output=True,
             text=True,
             timeout=150,
-            cwd=run.REPO,
+            cwd=harness.REPO,
         )
 
     def stop(self) -> None:
@@ -207,7 +207,7 @@ def measure_paced(
     finally:
         server.stop()
     if upgrade and "pause_s" not in record:
-        raise run.RunError(f"upgrade failed: {record.get('answer')}")
+        raise harness.RunError(f"upgrade failed: {record.get('answer')}")
     return record
 
 
@@ -216,7 +216,7 @@ def measure(
 ) -> dict[str, Any]:
     """One loadgen run; with ``upgrade``, echod is upgraded a third into the window."""
     server = Echod(connections, workdir)
-    s = run.Settings(
+    s = harness.Settings(
         duration=duration,
         warmup=1.0,
         grace=30.0,
@@ -227,8 +227,8 @@ def measure(
     )
     record: dict[str, Any] = {"connections": connections, "upgrade": upgrade}
     try:
-        cmd = run.loadgen_cmd(run._load(connections), server.port, s)
-        proc, reader = run.start_loadgen(cmd, s, tag, subprocess.DEVNULL)
+        cmd = harness.loadgen_cmd(harness.load_point(connections), server.port, s)
+        proc, reader = harness.start_loadgen(cmd, s, tag, subprocess.DEVNULL)
         deadline = time.monotonic() + s.connect_timeout + s.warmup + duration + s.grace + 60
         while reader.readline(deadline) not in (None, "window-start"):
             pass
@@ -239,15 +239,15 @@ def measure(
             record["ctl_seconds"] = round(time.monotonic() - started, 3)
             record["answer"] = (answer.stdout or answer.stderr).strip()
             if answer.returncode != 0:
-                raise run.RunError(f"upgrade failed: {record['answer']}")
+                raise harness.RunError(f"upgrade failed: {record['answer']}")
             done = server.wait("upgrade_done")
             record["pause_s"] = done["pause"]
             record["parked_s"] = done["parked_in"]
             record["sent_s"] = done["sent_in"]
             record["handed_over"] = done["clients"]
-        result = run.finish_loadgen(proc, reader, deadline)
+        result = harness.finish_loadgen(proc, reader, deadline)
         if upgrade and record["handed_over"] < result["connections"]:
-            raise run.RunError(
+            raise harness.RunError(
                 f"only {record['handed_over']} of {result['connections']} connections were "
                 "handed over: the upgrade ended after loadgen's window; use a longer --duration"
             )
@@ -268,12 +268,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--flat-out", action="store_true", help="loadgen at depth 1 instead")
     ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args(argv)
-    run.LOGS.mkdir(parents=True, exist_ok=True)
+    harness.LOGS.mkdir(parents=True, exist_ok=True)
     records = []
     workdir = Path(tempfile.mkdtemp(prefix="echod-upgrade-bench-", dir="/tmp"))
     try:
         if args.flat_out:
-            run.build_loadgen()
+            harness.build_loadgen()
         else:  # a descriptor per client, here as in echod
             _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -305,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"| {r['wrong']} | {r['longest_gap_s'] * 1000:.0f} ms "
                 f"| {r['p99_longest_gap_s'] * 1000:.0f} ms | {pause} |"
             )
-        print(f"\nraw: {RESULTS.relative_to(run.REPO)}", file=sys.stderr)
+        print(f"\nraw: {RESULTS.relative_to(harness.REPO)}", file=sys.stderr)
         return 1 if any(r["wrong"] for r in records) else 0
     print(
         f"\n{args.connections} connections, depth 1, 64-byte lines, "
@@ -322,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"| {bad} | {r['p99_us'] / 1000:.1f} ms | {r['max_us'] / 1000:.0f} ms "
             f"| {pause} | {took} |"
         )
-    print(f"\nraw: {RESULTS.relative_to(run.REPO)}", file=sys.stderr)
+    print(f"\nraw: {RESULTS.relative_to(harness.REPO)}", file=sys.stderr)
     return 1 if any(r["mismatches"] or r["errors"] or r["unanswered"] for r in records) else 0
 
 
