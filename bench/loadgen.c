@@ -16,6 +16,13 @@
  *
  * Build: cc -O2 -Wall -Wextra -o bench/out/loadgen bench/loadgen.c (no extra libraries)
  *
+ * TLS (--tls): built with -DLOADGEN_TLS ... -lssl -lcrypto (Debian's libssl-dev),
+ * every connection also completes its TLS handshake before timing starts (the
+ * connect phase waits for it), then lines go through SSL_write/SSL_read, one
+ * record per write. The server's certificate is not verified: this measures
+ * the cost of the encrypted session, on loopback, not the PKI. Without
+ * -DLOADGEN_TLS the binary is the same as before and --tls is refused.
+ *
  * Every wait is bounded: the process stops by itself at
  * connect-timeout + warmup + duration + grace (load) even if the server hangs.
  */
@@ -39,6 +46,10 @@
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef LOADGEN_TLS
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#endif
 
 #define MAX_LINE 1025           /* protocol: 1024 bytes + "\n" */
 #define MAX_EVENTS 1024
@@ -46,7 +57,7 @@
 #define STDIN_TAG UINT32_MAX
 #define PATTERN_LEN 94          /* printable ASCII '!'..'~', never '\n' */
 
-enum conn_state { C_UNUSED, C_CONNECTING, C_OPEN, C_CLOSED };
+enum conn_state { C_UNUSED, C_CONNECTING, C_HANDSHAKE, C_OPEN, C_CLOSED };
 enum phase { P_CONNECT, P_WARMUP, P_MEASURE, P_DRAIN, P_DONE };
 
 struct conn {
@@ -63,6 +74,9 @@ struct conn {
     uint64_t win_lines;     /* lines completed inside the measured window */
     char *ring;             /* depth slots of line_size bytes: lines in flight */
     uint64_t *sent_ns;      /* per-slot send timestamp */
+#ifdef LOADGEN_TLS
+    SSL *ssl;               /* --tls only */
+#endif
 };
 
 struct opts {
@@ -78,6 +92,7 @@ struct opts {
     double hold;
     long connect_concurrency;
     int idle;
+    int tls;
 };
 
 static struct opts o = {
@@ -101,6 +116,9 @@ static uint32_t *lat;           /* latency samples in ns, window only */
 static size_t lat_n, lat_cap;
 static uint64_t lat_dropped;
 static int warned_errno[256];
+#ifdef LOADGEN_TLS
+static SSL_CTX *tls_ctx;
+#endif
 
 static uint64_t now_ns(void)
 {
@@ -165,16 +183,86 @@ static void set_events(struct conn *c, int want_out)
 
 static void close_conn(struct conn *c, int is_error)
 {
-    if (c->state == C_OPEN || c->state == C_CONNECTING) {
+    if (c->state == C_OPEN || c->state == C_CONNECTING || c->state == C_HANDSHAKE) {
         epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
         close(c->fd);
         if (c->state == C_OPEN)
             open_count--;
     }
+#ifdef LOADGEN_TLS
+    if (c->ssl) {
+        SSL_free(c->ssl);
+        c->ssl = NULL;
+    }
+#endif
     c->fd = -1;
     c->state = C_CLOSED;
     if (is_error)
         errors++;
+}
+
+#ifdef LOADGEN_TLS
+/* OpenSSL's outcome as the plain-socket convention: n > 0, 0 at the peer's
+ * close, or -1 with errno (EAGAIN when OpenSSL waits for the socket). */
+static ssize_t tls_result(struct conn *c, int r)
+{
+    if (r > 0)
+        return r;
+    int e = SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+        errno = EAGAIN;
+        return -1;
+    }
+    if (e == SSL_ERROR_ZERO_RETURN)
+        return 0;
+    if (e != SSL_ERROR_SYSCALL || errno == 0)
+        errno = EPROTO;
+    ERR_clear_error();
+    return -1;
+}
+
+/* Drive the handshake; the connection counts as established once it is done. */
+static void tls_step(struct conn *c)
+{
+    int r = SSL_do_handshake(c->ssl);
+    if (r == 1) {
+        c->state = C_OPEN;
+        open_count++;
+        established++;
+        set_events(c, 0);
+        return;
+    }
+    int e = SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+        set_events(c, e == SSL_ERROR_WANT_WRITE);
+        return;
+    }
+    unsigned long code = ERR_get_error();
+    fprintf(stderr, "loadgen: TLS handshake: %s\n",
+            code ? ERR_reason_error_string(code) : "connection closed");
+    ERR_clear_error();
+    close_conn(c, 0);
+    connect_failures++;
+}
+#endif
+
+static ssize_t conn_send(struct conn *c, struct msghdr *mh)
+{
+#ifdef LOADGEN_TLS
+    if (c->ssl)   /* one record per call; flush_out loops for the rest */
+        return tls_result(c, SSL_write(c->ssl, mh->msg_iov[0].iov_base,
+                                       (int)mh->msg_iov[0].iov_len));
+#endif
+    return sendmsg(c->fd, mh, MSG_NOSIGNAL);
+}
+
+static ssize_t conn_recv(struct conn *c, char *buf, size_t n)
+{
+#ifdef LOADGEN_TLS
+    if (c->ssl)
+        return tls_result(c, SSL_read(c->ssl, buf, (int)n));
+#endif
+    return read(c->fd, buf, n);
 }
 
 /* Write every generated-but-unwritten byte; the unwritten lines are
@@ -191,7 +279,7 @@ static void flush_out(struct conn *c)
             {.iov_base = c->ring, .iov_len = total - first},
         };
         struct msghdr mh = {.msg_iov = iov, .msg_iovlen = total > first ? 2 : 1};
-        ssize_t n = sendmsg(c->fd, &mh, MSG_NOSIGNAL);
+        ssize_t n = conn_send(c, &mh);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -238,7 +326,7 @@ static void record_latency(uint64_t ns)
 static void handle_read(struct conn *c)
 {
     size_t ls = (size_t)o.line_size;
-    ssize_t n = read(c->fd, rbuf, sizeof rbuf);
+    ssize_t n = conn_recv(c, rbuf, sizeof rbuf);
     if (n == 0) {
         close_conn(c, 1);   /* the server closed a connection we still use */
         return;
@@ -303,6 +391,17 @@ static void handle_event(struct epoll_event *ev)
             connect_failures++;
             return;
         }
+#ifdef LOADGEN_TLS
+        if (o.tls) {
+            c->ssl = SSL_new(tls_ctx);
+            if (!c->ssl || !SSL_set_fd(c->ssl, c->fd))
+                die("SSL_new failed");
+            SSL_set_connect_state(c->ssl);
+            c->state = C_HANDSHAKE;
+            tls_step(c);
+            return;
+        }
+#endif
         c->state = C_OPEN;
         c->opened = 1;
         open_count++;
@@ -310,10 +409,21 @@ static void handle_event(struct epoll_event *ev)
         set_events(c, 0);
         return;
     }
+#ifdef LOADGEN_TLS
+    if (c->state == C_HANDSHAKE) {
+        tls_step(c);
+        return;
+    }
+#endif
     if (c->state != C_OPEN)
         return;
     if (ev->events & EPOLLIN) {
         handle_read(c);
+#ifdef LOADGEN_TLS
+        /* Records OpenSSL already holds decrypted never make the socket readable again. */
+        while (c->ssl && c->state == C_OPEN && SSL_pending(c->ssl) > 0)
+            handle_read(c);
+#endif
     } else if (ev->events & (EPOLLERR | EPOLLHUP)) {
         int err = 0;
         socklen_t len = sizeof err;
@@ -412,8 +522,9 @@ static void connect_all(const struct addrinfo *ai)
         poll_once(deadline, NULL);
     }
     for (size_t i = 0; i < total; i++) {
-        if (conns[i].state == C_CONNECTING || conns[i].state == C_UNUSED) {
-            if (conns[i].state == C_CONNECTING)
+        if (conns[i].state == C_CONNECTING || conns[i].state == C_HANDSHAKE ||
+            conns[i].state == C_UNUSED) {
+            if (conns[i].state != C_UNUSED)
                 close_conn(&conns[i], 0);
             conns[i].state = C_CLOSED;
             connect_failures++;
@@ -644,7 +755,8 @@ static void usage(FILE *f)
 {
     fputs("usage: loadgen --port P [--host H] [-c N] [--line-size B] [--depth D]\n"
           "               [--duration S] [--warmup S] [--connect-timeout S] [--grace S]\n"
-          "               [--connect-concurrency K] [--mode load|idle] [--hold S]\n"
+          "               [--connect-concurrency K] [--mode load|idle] [--hold S] [--tls]\n"
+          "  --tls: TLS sessions (handshakes done before timing; needs -DLOADGEN_TLS)\n"
           "  --line-size counts the trailing newline (2..1025)\n"
           "  --connect-timeout bounds the whole connect phase (and the idle echo)\n"
           "  --grace: time after the window to collect outstanding echoes\n"
@@ -687,11 +799,12 @@ int main(int argc, char **argv)
         {"connect-concurrency", required_argument, 0, 'k'},
         {"mode", required_argument, 0, 'm'},
         {"hold", required_argument, 0, 'H'},
+        {"tls", no_argument, 0, 'S'},
         {"help", no_argument, 0, '?'},
         {0, 0, 0, 0},
     };
     int ch;
-    while ((ch = getopt_long(argc, argv, "h:p:c:s:d:t:w:T:g:k:m:H:", lopts, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, "h:p:c:s:d:t:w:T:g:k:m:H:S", lopts, NULL)) != -1) {
         switch (ch) {
         case 'h': o.host = optarg; break;
         case 'p': o.port = optarg; break;
@@ -704,6 +817,7 @@ int main(int argc, char **argv)
         case 'g': o.grace = parse_double(optarg, "--grace", 0, 3600); break;
         case 'k': o.connect_concurrency = parse_long(optarg, "--connect-concurrency", 1, 1000000); break;
         case 'H': o.hold = parse_double(optarg, "--hold", 0, 86400); break;
+        case 'S': o.tls = 1; break;
         case 'm':
             if (strcmp(optarg, "load") == 0)
                 o.idle = 0;
@@ -723,6 +837,19 @@ int main(int argc, char **argv)
     }
     if (o.idle)
         o.depth = 1;
+    if (o.tls) {
+#ifdef LOADGEN_TLS
+        tls_ctx = SSL_CTX_new(TLS_client_method());
+        if (!tls_ctx)
+            die("SSL_CTX_new failed");
+        SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_NONE, NULL);
+        /* flush_out may retry a write from a ring slot that moved (wrap-around). */
+        SSL_CTX_set_mode(tls_ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
+                                      SSL_MODE_ENABLE_PARTIAL_WRITE);
+#else
+        die("--tls: this loadgen was built without -DLOADGEN_TLS");
+#endif
+    }
 
     signal(SIGPIPE, SIG_IGN);
     struct sigaction sa = {.sa_handler = on_signal};
