@@ -407,6 +407,50 @@ class Settings:
         metavar="HOST:PORT",
         shown="off",
     )
+    # TLS (echod/tls.py). SIGHUP reloads the files; the values are reloadable
+    # because the TLS context is rebuilt whole, from whatever they say then.
+    tls_cert: Path | None = option(
+        "serve TLS only, with this PEM certificate (then any intermediates); needs --tls-key",
+        None,
+        kind=PATH,
+        metavar="PATH",
+        reloadable=True,
+        shown="—",
+    )
+    tls_key: Path | None = option(
+        "the unencrypted PEM key of --tls-cert; SIGHUP reloads both",
+        None,
+        kind=PATH,
+        metavar="PATH",
+        reloadable=True,
+        shown="—",
+    )
+    tls_client_ca: Path | None = option(
+        "require client certificates signed by a CA in this PEM file",
+        None,
+        kind=PATH,
+        metavar="PATH",
+        reloadable=True,
+        shown="—",
+    )
+    tls_min_version: str = option(
+        "oldest TLS version accepted",
+        "1.2",
+        kind=choice("1.2", "1.3"),
+        metavar="{1.2,1.3}",
+        reloadable=True,
+    )
+    tls_handshake_timeout: float = option(
+        "close a client whose whole TLS handshake is not done within this many seconds",
+        10.0,
+        kind=duration(allow_zero=False),
+        metavar="SECONDS",
+        reloadable=True,
+    )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     proxy_protocol: str = option(
         "every connection begins with a PROXY header of this version (needs --proxy-trusted)",
@@ -523,6 +567,10 @@ class Settings:
             raise UsageError(str(err)) from None
         if self.console and not self.foreground:
             raise UsageError("--console needs --foreground (a detached echod has no terminal)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise UsageError("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise UsageError("--tls-client-ca needs --tls-cert and --tls-key")
         for given in ("log_file", "pidfile"):
             if getattr(self, given) is not None and self.foreground:
                 flag = "--" + given.replace("_", "-")

@@ -21,6 +21,11 @@ Timing. The handler reads no clock: it only counts bytes and lines. The
 janitor turns what the counters did since its last look into times
 (:meth:`Connection.notice`).
 
+TLS. A :class:`TLSConnection` keeps the socket a plain socket and queues
+TLS records instead of lines (see :mod:`echod.tls` for why); it changes the
+three methods that read, encrypt and close (``receiver``, ``_enqueue``,
+``close_output``) and the send fast path, nothing else.
+
 Ending. Any thread ends a connection the same way, with
 :meth:`Connection.end`: queue a last line, then ``shutdown()`` the socket,
 which wakes the handler; only the handler closes the socket, so a descriptor
@@ -44,11 +49,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from echod import protocol
 from echod.admission import Admitted
 from echod.handover import ClientState
 from echod.pause import Pause
+from echod.tls import TLSSession
 
 MAX_QUEUED = 256  # lines waiting for a client that is not reading; then slow_reader
 
@@ -200,8 +207,14 @@ class Connection:
         if len(self._out) >= MAX_QUEUED:
             self.end(None, "slow_reader")
             return False
-        self._out.append((data, lines))
+        if not self._enqueue(data, lines):
+            return False
         self.flush()
+        return True
+
+    def _enqueue(self, data: bytes, lines: int) -> bool:
+        """Put whole lines at the end of the queue (TLS: encrypted); False if they cannot be."""
+        self._out.append((data, lines))
         return True
 
     def send(self, data: bytes, lines: int) -> None:
@@ -299,7 +312,7 @@ class Connection:
 
     def send_last(self, data: bytes, timeout: float) -> None:
         """The handler's final reply (bye, an error): queued even while ending."""
-        self._out.append((data, 1))
+        self._enqueue(data, 1)
         self.flush()
         if self._out:
             self._wait_sent(_now() + timeout, ending=True)
@@ -353,6 +366,20 @@ class Connection:
         except ValueError:  # the new --max-line is shorter than the line it holds
             conn.end(protocol.line_too_long(max_line), "line_too_long")
         return conn
+    # -- what TLS changes (TLSConnection) --------------------------------
+    #
+    # Called once per connection, never per line, so plain TCP's hot path
+    # stays as it is.
+
+    tls_version: str | None = None  # the negotiated version; None: not TLS (yet)
+    tls_cn: str | None = None  # the verified client certificate's common name
+
+    def receiver(self) -> Callable[[int], bytes]:
+        """The handler's ``recv``: bytes of the line protocol, b"" at the end of input."""
+        return self.sock.recv
+
+    def close_output(self, timeout: float) -> None:
+        """Before the FIN: what the transport sends after the last reply (TLS: close_notify)."""
 
     # -- timing ----------------------------------------------------------
 
@@ -390,11 +417,100 @@ class Connection:
         if self.end_reason is not None:
             return False
         self.end_reason = reason
-        if last_line is not None:
-            self._out.append((last_line, 1))
+        if last_line is not None and self._enqueue(last_line, 1):
             self.flush()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass  # already disconnected
         return True
+
+
+class TLSConnection(Connection):
+    """A client on a TLS listener: the same queue and socket, with records in it.
+
+    The socket stays a plain socket (see :mod:`echod.tls` for why): what is
+    queued is already encrypted, and encrypting and queueing happen together
+    under ``_tls_lock``, so records reach the queue in the order of their
+    sequence numbers whichever thread writes. Before the handshake is done
+    (and after close_notify) nothing can be encrypted, so pushes are dropped.
+    ``bytes_in`` and ``bytes_out`` count bytes on the wire, records included.
+    """
+
+    __slots__ = ("_tls", "_tls_eof", "_tls_leftover", "_tls_lock", "tls_cn", "tls_version")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # as Connection's
+        super().__init__(*args, **kwargs)
+        self._tls: TLSSession | None = None
+        self._tls_lock = threading.Lock()
+        self._tls_eof = False
+        self._tls_leftover = False
+        self.tls_version: str | None = None
+        self.tls_cn: str | None = None
+
+    def established(self, session: TLSSession) -> None:
+        """The handshake is done: from now on lines are sent through ``session``."""
+        self.tls_version = session.version
+        self.tls_cn = session.peer_cn
+        self._tls_leftover = True
+        self._tls = session
+
+    def _enqueue(self, data: bytes, lines: int) -> bool:
+        with self._tls_lock:
+            session = self._tls
+            if session is None:
+                return False
+            self._out.append((session.encrypt(data), lines))
+        return True
+
+    def send(self, data: bytes, lines: int) -> None:
+        # Always through the queue: a direct send could overtake a record
+        # another thread encrypted first.
+        self._enqueue(data, lines)
+        self.flush()
+        if self._out:
+            self._wait_sent(_now() + self.send_timeout)
+        if self.end_reason is not None:
+            raise ConnectionGone(self.end_reason)
+
+    def receiver(self) -> Callable[[int], bytes]:
+        return self._receive
+
+    def _receive(self, size: int) -> bytes:
+        """Read records until they carry plaintext; b"" at close_notify or EOF.
+
+        Raises :class:`ssl.SSLError` (an OSError) for a corrupt record.
+        """
+        raw: bytes | None = None
+        if self._tls_leftover:  # the handshake's last read may have brought records too
+            self._tls_leftover = False
+            raw = b""
+        while not self._tls_eof:
+            if raw is None:
+                raw = self.sock.recv(size)
+                if not raw:
+                    return b""
+            with self._tls_lock:
+                session = self._tls
+                if session is None:
+                    return b""
+                plain, out, self._tls_eof = session.receive(raw)
+                if out:
+                    self._out.append((out, 0))
+            if out:
+                self.flush()
+            self.bytes_in += len(raw) - len(plain)  # the handler counts the plaintext
+            if plain:
+                return plain
+            raw = None
+        return b""
+
+    def close_output(self, timeout: float) -> None:
+        with self._tls_lock:
+            session, self._tls = self._tls, None
+            if session is None:
+                return
+            self._out.append((session.close(), 0))
+        self.flush()
+        if self._out:
+            self._wait_sent(_now() + timeout, ending=True)

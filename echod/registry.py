@@ -59,6 +59,7 @@ class Stats:
     durations: tuple[int, ...]  # closed clients by DURATION_BUCKETS, not cumulative; + over
     duration_sum: float
     operator_messages: int  # lines pushed to clients by /send and /broadcast
+    tls_handshake_failures: int = 0
 
 
 C = TypeVar("C", bound=Client)
@@ -73,6 +74,7 @@ class Registry(Generic[C]):
         self._next_id = 1
         self._accepted = 0
         self._rejected = 0
+        self._tls_failures = 0
         # Traffic of clients that already left.
         self._gone = [0, 0, 0, 0]  # lines_in, lines_out, bytes_in, bytes_out
         self._refused: Counter[str] = Counter()
@@ -164,6 +166,11 @@ class Registry(Generic[C]):
         with self._lock:
             self._operator_messages += lines
 
+    def tls_failed(self) -> None:
+        """Count a client whose TLS handshake failed (it is still removed as usual)."""
+        with self._lock:
+            self._tls_failures += 1
+
     def get(self, client_id: int) -> C | None:
         with self._lock:
             return self._clients.get(client_id)
@@ -185,6 +192,7 @@ class Registry(Generic[C]):
             refused, closed = dict(self._refused), dict(self._closed)
             durations, duration_sum = tuple(self._durations), self._duration_sum
             operator_messages = self._operator_messages
+            tls_failures = self._tls_failures
         for c in live:
             lines_in += c.lines_in
             lines_out += c.lines_out
@@ -204,4 +212,5 @@ class Registry(Generic[C]):
             durations=durations,
             duration_sum=duration_sum,
             operator_messages=operator_messages,
+            tls_handshake_failures=tls_failures,
         )

@@ -30,6 +30,13 @@ connection ends. ``--max-line-rate`` paces a client's lines
 (``EchoHandler._paced``): its handler stops reading while it waits, so TCP
 slows the client and nothing is lost.
 
+With ``--tls-cert``/``--tls-key`` the listener speaks only TLS: the
+connections are :class:`~echod.connection.TLSConnection`, and
+:meth:`EchoHandler.setup` runs the handshake in the client's own thread,
+against one deadline (:mod:`echod.tls` has the design). A client in the
+handshake is registered, so it counts towards ``--max-clients``, and blocks
+nobody else.
+
 Timeouts are not kept on the sockets: the handler's ``recv`` blocks without
 one, which keeps the hot path to one ``recv`` and one ``send`` per burst, and
 the handler reads no clock. Reads start small and grow to :data:`RECV_SIZE`
@@ -109,11 +116,12 @@ from echod.admission import (
     normalize,
 )
 from echod.config import Settings
-from echod.connection import ClientThread, Connection, ConnectionGone, Parked
+from echod.connection import ClientThread, Connection, ConnectionGone, Parked, TLSConnection
 from echod.errors import StartupError
 from echod.logs import Logger, get_logger
 from echod.pause import Pause
 from echod.registry import Registry
+from echod.tls import HandshakeFailed, TLSEndpoint, TLSFiles, handshake
 
 RECV_SIZE = 65536
 # recv(n) makes a bytes object of n + 33 bytes (its header), then shrinks it to
@@ -181,12 +189,47 @@ class EchoHandler(socketserver.BaseRequestHandler):
         ``handler_error`` (reason ``error``) by :meth:`EchoServer.handle_error`.
 
         The steps, in order: the PROXY header and admission control
-        (:meth:`EchoServer.admit`). Not run again for a connection that was
-        through it already (``carried``: resumed after a hand-over was called
-        off, or handed over by an upgrade).
+        (:meth:`EchoServer.admit`), then, with TLS on, the TLS handshake
+        (:meth:`tls_handshake`): a PROXY header comes before the ClientHello,
+        as HAProxy's ``send-proxy-v2`` in front of a TLS backend sends it.
+        Not run again for a connection that was through them already
+        (``carried``: resumed after a hand-over was called off, or handed
+        over by an upgrade).
         """
         if self.server.gated and not self.request.carried:
             self.server.admit(self.request, self.client_address)
+        if self.server.tls is not None and self.request.end_reason is None:
+            if not self.request.carried:
+                self.tls_handshake()
+
+    def tls_handshake(self) -> None:
+        """Complete the TLS handshake within ``--tls-handshake-timeout``, or refuse the client.
+
+        One deadline for the whole handshake (:func:`echod.tls.handshake`).
+        A failure is logged as ``client_refused`` with ``reason=tls_handshake``
+        and OpenSSL's short name of the error, counted in the registry, and
+        ends the connection without a line (the client does not speak our
+        TLS: a plaintext ``ERR`` would mean nothing to it).
+        """
+        conn = self.request
+        tls = self.server.tls
+        assert tls is not None and isinstance(conn, TLSConnection)
+        session = tls.session()
+        try:
+            handshake(session, conn.sock, _now() + tls.handshake_timeout, _now)
+        except HandshakeFailed as failed:
+            if conn.end(None, "tls_handshake"):  # False: ended meanwhile (shutdown, kick)
+                self.server.registry.tls_failed()
+                self.server.log.warning(
+                    "client_refused",
+                    reason="tls_handshake",
+                    error=failed.error,
+                    detail=failed.detail or None,
+                    client=conn.id,
+                    peer=conn.peer,
+                )
+            return
+        conn.established(session)
 
     def handle(self) -> None:
         """Serve the client until it is done; then send the last reply and close.
@@ -202,7 +245,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
         conn = self.request
         server = self.server
         proto = conn.proto
-        recv = conn.sock.recv
+        recv = conn.receiver()
         rate = server.settings.max_line_rate
         pace = TokenBucket(rate, rate, _now()) if rate else None  # --max-line-rate: bursts of N
         reason = "eof"
@@ -328,8 +371,10 @@ class EchoHandler(socketserver.BaseRequestHandler):
         """
         conn = self.request
         sock = conn.sock
+        linger = min(conn.send_timeout, LINGER_SECONDS)
         if final is not None:
-            conn.send_last(final, min(conn.send_timeout, LINGER_SECONDS))
+            conn.send_last(final, linger)
+        conn.close_output(linger)
         try:
             sock.shutdown(socket.SHUT_WR)
             deadline = _now() + LINGER_SECONDS
@@ -388,6 +433,9 @@ class EchoServer(socketserver.TCPServer):
         address cannot be used.
         """
         self.settings = settings
+        # Before binding: a bad TLS file fails the start with nothing to undo.
+        self.tls = _tls_endpoint(settings)
+        self.connection_class = Connection if self.tls is None else TLSConnection
         self.registry: Registry[Connection] = registry if registry is not None else Registry()
         self.request_queue_size = settings.backlog
         self.log: Logger = get_logger()
@@ -494,7 +542,7 @@ class EchoServer(socketserver.TCPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Register the client, then start its handler thread."""
-        conn = Connection(
+        conn = self.connection_class(
             request,
             format_peer(client_address),
             self.registry.next_id(),
@@ -899,6 +947,16 @@ class EchoServer(socketserver.TCPServer):
                 conn.sock.close()
                 self._closed(conn)
         return gate
+
+
+def _tls_endpoint(settings: Settings) -> TLSEndpoint | None:
+    """The listener's TLS, or None; raises :class:`~echod.tls.TLSConfigError`."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    files = TLSFiles(
+        settings.tls_cert, settings.tls_key, settings.tls_client_ca, settings.tls_min_version
+    )
+    return TLSEndpoint(files, settings.tls_handshake_timeout)
 
 
 def _refuse(sock: socket.socket, line: bytes) -> None:

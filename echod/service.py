@@ -8,8 +8,8 @@ Lifecycle of :meth:`Service.run`, in order:
 
 1. Install signal handlers. They only record the signal and wake the main
    loop (SIGTERM/SIGINT: stop; SIGHUP: reopen the log file, then reload the
-   config file, :mod:`echod.reload`). A second stop signal while stopping
-   exits at once, status 1.
+   config file, :mod:`echod.reload`, or without one the TLS files). A second
+   stop signal while stopping exits at once, status 1.
 2. Start the accept loop and the janitor in a thread (``serve_forever``).
 3. Start the operator interfaces: the control socket, the metrics endpoint
    (``metrics_listening``), and the stdin console when asked for.
@@ -62,6 +62,7 @@ from echod.metrics import MetricsServer, metrics_registry
 from echod.registry import Registry
 from echod.reload import Commit, Outcome, Reloader, ReloadError
 from echod.server import EchoServer, peer_host
+from echod.tls import TLSConfigError
 from echod.upgrade import Inherited, Launch
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -271,6 +272,12 @@ class Service:
         """
         if self.launch is None:
             raise UpgradeFailed("this echod was not started by the echod command")
+        if self.server.tls is not None:
+            # A TLS session's keys and sequence numbers live in this process's
+            # OpenSSL: no successor could go on encrypting for the client.
+            reason = "TLS sessions cannot move to another process: restart instead"
+            self.log.error("upgrade_failed", detail=reason)
+            raise UpgradeFailed(reason)
         if not self._upgrade_lock.acquire(blocking=False):
             raise UpgradeFailed("another upgrade is in progress")
         try:
@@ -319,6 +326,15 @@ class Service:
         if self._console_wanted():
             self._start_console()
         s = self.settings
+        tls = self.server.tls
+        if tls is not None:
+            self.log.info(
+                "tls_loaded",
+                serial=tls.info.serial_hex,
+                not_after=tls.info.not_after.isoformat(),
+                client_ca=str(s.tls_client_ca) if s.tls_client_ca else None,
+                min_version=s.tls_min_version,
+            )
         self.log.info(
             "listening",
             host=self.server.host,
@@ -330,6 +346,7 @@ class Service:
             max_line=s.max_line,
             clients=len(self.registry),
             upgraded_from=self.upgraded_from,
+            tls=tls is not None,
         )
         interval = systemd.watchdog_interval()  # READY=1 arms systemd's side
         if interval is not None:
@@ -378,18 +395,32 @@ class Service:
             self.log.warning("watchdog_withheld", stalled=dog.stalled, every=dog.every)
         return min(wait, MAIN_LOOP_WAKE)
 
+    def _reload_tls(self) -> None:
+        """Swap in a TLS context from the files as they are now; a bad file changes nothing."""
+        tls = self.server.tls
+        if tls is None:
+            return
+        try:
+            info = tls.reload()
+        except TLSConfigError as err:
+            self.log.error("tls_reload_failed", detail=str(err))
+            return
+        self.log.info("tls_reloaded", serial=info.serial_hex, not_after=info.not_after.isoformat())
+
     def _on_sighup(self) -> None:
-        """Reopen the log file (for logrotate), then reload the config file; each if any."""
+        """Reopen the log file (for logrotate), then reload the config file or the TLS files."""
         source = self.reloader.source
         has_config = source is not None and source.path is not None
-        if self.log_file is None and not has_config:
+        if self.log_file is None and not has_config and self.server.tls is None:
             self.log.info("sighup_ignored", detail="no log file to reopen, no config file to read")
             return
         if self.log_file is not None:
             self._reopen_logs(self.log_file)
         if has_config:
             with contextlib.suppress(ReloadError):  # logged as config_reload_failed
-                self.reload("SIGHUP")
+                self.reload("SIGHUP")  # the TLS files too (_apply_tls)
+        else:
+            self._reload_tls()  # no config file: SIGHUP still renews the certificate
 
     def _reopen_logs(self, log_file: LogFile) -> None:
         try:

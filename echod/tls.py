@@ -56,7 +56,6 @@ import errno
 import select
 import socket
 import ssl
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,9 +275,8 @@ def load(files: TLSFiles, now: datetime.datetime | None = None) -> tuple[ssl.SSL
 class TLSEndpoint:
     """The listener's TLS: the current context, swapped whole on reload.
 
-    ``handshake_failures`` is counted under a lock of its own (handler
-    threads fail concurrently); the context is read without one (a single
-    attribute read).
+    Handler threads read ``context`` without a lock: it is replaced by one
+    assignment, never changed in place.
     """
 
     def __init__(self, files: TLSFiles, handshake_timeout: float) -> None:
@@ -286,8 +284,6 @@ class TLSEndpoint:
         self.files = files
         self.handshake_timeout = handshake_timeout
         self.context, self.info = load(files)
-        self.handshake_failures = 0
-        self._lock = threading.Lock()
 
     def reload(self) -> CertInfo:
         """Load the files again and swap the new context in.
@@ -299,10 +295,6 @@ class TLSEndpoint:
         # Both in one assignment: a reader never sees a context with another's details.
         self.context, self.info = context, info
         return info
-
-    def failed(self) -> None:
-        with self._lock:
-            self.handshake_failures += 1
 
     def session(self) -> TLSSession:
         return TLSSession(self.context)
@@ -425,7 +417,9 @@ def handshake(
 
     ``initial``: bytes already read from the socket (past a PROXY header).
     Every wait is a poll for what is left until the deadline, so the whole
-    handshake, however the client paces it, ends by then. Raises
+    handshake, however the client paces it, ends by then. The last read may
+    have brought application data too: call ``session.receive(b"")`` before
+    reading the socket again. Raises
     :class:`HandshakeFailed`; an alert OpenSSL produced is sent first, best
     effort, so the client learns why.
     """

@@ -5,6 +5,11 @@
 - ``server``: ``make_server()`` with the defaults.
 - ``connect(port, host=...)``: a :class:`~tests.helpers.Client` whose every
   call has a timeout; closed at teardown.
+- ``transport``: ``"tcp"`` here; a module that overrides it with
+  ``params=["tcp", "tls"]`` runs its tests twice, the second time with
+  ``make_server`` serving TLS (certificates from ``tls_kit``) and
+  ``connect`` returning a :class:`tests.tlskit.TLSClient`.
+- ``tls_kit``: a CA and a server certificate for the session (trustme).
 - ``spawn_echod(*args)``: the real ``echod`` command as a subprocess
   (``python -m echod --foreground --port 0 --control-socket none`` + args),
   its port read from the ``listening`` log line; ended by PID at teardown.
@@ -27,6 +32,7 @@ import pytest
 from echod import logs
 from echod.config import Settings
 from tests.helpers import TIMEOUT, CapturedLogs, Client, EchodProcess, RunningServer
+from tests.tlskit import TLSClient, TLSKit
 
 
 @pytest.fixture
@@ -46,11 +52,24 @@ def captured_logs() -> Iterator[CapturedLogs]:
 
 
 @pytest.fixture
-def make_server() -> Iterator[Callable[..., RunningServer]]:
+def transport() -> str:
+    return "tcp"
+
+
+@pytest.fixture(scope="session")
+def tls_kit(tmp_path_factory: pytest.TempPathFactory) -> TLSKit:
+    """One CA and server certificate for the whole run (tests that change files make their own)."""
+    return TLSKit(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def make_server(transport: str, tls_kit: TLSKit) -> Iterator[Callable[..., RunningServer]]:
     servers: list[RunningServer] = []
 
     def make(**overrides: Any) -> RunningServer:
         base = Settings(host="127.0.0.1", port=0, control_socket=None, foreground=True)
+        if transport == "tls":
+            base = replace(base, tls_cert=tls_kit.cert, tls_key=tls_kit.key)
         running = RunningServer(replace(base, **overrides))
         servers.append(running)
         return running
@@ -66,13 +85,17 @@ def server(make_server: Callable[..., RunningServer]) -> RunningServer:
 
 
 @pytest.fixture
-def connect() -> Iterator[Callable[..., Client]]:
-    clients: list[Client] = []
+def connect(transport: str, tls_kit: TLSKit) -> Iterator[Callable[..., Client]]:
+    clients: list[Client | TLSClient] = []
 
     def make(port: int, host: str = "127.0.0.1", timeout: float = TIMEOUT) -> Client:
-        client = Client(port, host, timeout)
+        client: Client | TLSClient
+        if transport == "tls":
+            client = TLSClient(port, host, timeout, tls_kit.client_context())
+        else:
+            client = Client(port, host, timeout)
         clients.append(client)
-        return client
+        return client  # type: ignore[return-value]  # a TLSClient has the same methods
 
     yield make
     for client in clients:
