@@ -464,12 +464,31 @@ class TLSConnection(Connection):
         return True
 
     def send(self, data: bytes, lines: int) -> None:
-        # Always through the queue: a direct send could overtake a record
-        # another thread encrypted first.
-        self._enqueue(data, lines)
-        self.flush()
-        if self._out:
-            self._wait_sent(_now() + self.send_timeout)
+        out = self._out
+        with self._tls_lock:
+            session = self._tls
+            if session is not None:
+                records = session.encrypt(data)
+                # Fast path as in Connection.send, but still under the TLS
+                # lock: no other thread can encrypt a later record and queue
+                # or send it before this one.
+                if not out and self._wlock.acquire(False):
+                    try:
+                        sent = self.sock.send(records, socket.MSG_DONTWAIT)
+                    except OSError:
+                        sent = 0  # would block, or broken: the queued path finds out which
+                    self.bytes_out += sent
+                    if sent == len(records):
+                        self.lines_out += lines
+                    else:
+                        out.append((records[sent:], lines))
+                    self._wlock.release()
+                else:
+                    out.append((records, lines))
+        if out:
+            self.flush()
+            if out:
+                self._wait_sent(_now() + self.send_timeout)
         if self.end_reason is not None:
             raise ConnectionGone(self.end_reason)
 

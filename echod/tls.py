@@ -339,25 +339,28 @@ class TLSSession:
         closed`` means close_notify arrived: the end of the client's input.
         Bytes to send are TLS's own (key updates, the answer to close_notify).
         """
-        self._in.write(data)
-        obj, incoming = self._obj, self._in
-        chunks = []
+        incoming = self._in
+        incoming.write(data)
+        read = self._obj.read
+        plain = b""
         closed = False
         try:
+            # One read takes a whole record (at most RECORD_SIZE of plaintext),
+            # so OpenSSL holds no plaintext back: loop only while bytes remain.
             while True:
-                chunk = obj.read(RECORD_SIZE)
+                chunk = read(RECORD_SIZE)
                 if not chunk:  # close_notify (SSLObject returns b"" for it, no exception)
                     closed = True
                     break
-                chunks.append(chunk)
-                if not incoming.pending and not obj.pending():
+                plain += chunk  # b"" + chunk is chunk itself: no copy for one record
+                if not incoming.pending:
                     break
         except ssl.SSLWantReadError:
             pass  # the rest of a record is still on its way
         except ssl.SSLZeroReturnError:
             closed = True
         out = self._out.read() if self._out.pending else b""
-        return b"".join(chunks), out, closed
+        return plain, out, closed
 
     def encrypt(self, data: bytes) -> bytes:
         """The records carrying ``data``."""
