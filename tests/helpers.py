@@ -411,8 +411,10 @@ class EchodProcess:
         env: dict[str, str] | None = None,
         ready_event: str = "listening",
         cwd: Path = ROOT,
+        program: list[str] | None = None,
     ) -> None:
-        cmd = [sys.executable, "-m", "echod", *args]
+        """``program``: what to run instead of ``python -m echod`` (a wrapper and a path)."""
+        cmd = [*(program or [sys.executable, "-m", "echod"]), *args]
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.conftest import ROOT, TIMEOUT, EchodProcess
+from tests.helpers import ROOT, TIMEOUT, EchodProcess
 from tests.tlskit import TLSClient, TLSKit, serial_of
 
 Spawn = Callable[..., EchodProcess]
