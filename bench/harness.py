@@ -29,6 +29,7 @@ OUT = BENCH / "out"
 LOGS = OUT / "logs"
 LOADGEN_SRC = BENCH / "loadgen.c"
 LOADGEN = OUT / "loadgen"
+LOADGEN_TLS = OUT / "loadgen-tls"  # built by bench/tls.py, with -DLOADGEN_TLS
 HOST = "127.0.0.1"
 SKIP_EXIT = 77  # a server exits with this when it cannot run here (uvloop missing)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -83,6 +84,7 @@ class Point:
     connections: int
     line_size: int = 64  # bytes per line including the "\n"
     depth: int = 1  # lines in flight per connection
+    tls: bool = False  # loadgen --tls (bench/tls.py)
 
     @property
     def label(self) -> str:
@@ -379,7 +381,8 @@ class Settings:
 
 def loadgen_cmd(point: Point, port: int, s: Settings) -> list[str]:
     return [
-        str(LOADGEN),
+        str(LOADGEN_TLS if point.tls else LOADGEN),
+        *(["--tls"] if point.tls else []),
         "--host",
         HOST,
         "--port",
