@@ -62,7 +62,7 @@ from pathlib import Path
 
 from echod.errors import StartupError
 
-DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+# --tls-min-version's values (config.py declares the option with these choices).
 MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 # A TLS record carries at most 16 KiB of plaintext; reading one whole record
 # per call keeps receive() to one read for the common small message.
@@ -70,7 +70,6 @@ RECORD_SIZE = 16384
 # Handshake messages are a few KiB (a certificate chain); reads this size take
 # a flight in one or two system calls.
 HANDSHAKE_READ = 16384
-PEM_CERT = "CERTIFICATE"
 
 
 class TLSConfigError(StartupError):
@@ -179,7 +178,7 @@ def parse_certificate(der: bytes) -> CertInfo:
 
 def first_pem_certificate(pem: str) -> bytes | None:
     """The DER of the first certificate in PEM text (the leaf, in a chain file)."""
-    begin, end = f"-----BEGIN {PEM_CERT}-----", f"-----END {PEM_CERT}-----"
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
     start = pem.find(begin)
     stop = pem.find(end, start)
     if start < 0 or stop < 0:

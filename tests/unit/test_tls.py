@@ -404,3 +404,10 @@ def test_client_certificate_from_another_ca_is_refused(
         run_handshake(TLSSession(context), server_sock, 5.0)
     thread.join(10)
     assert failed.value.error == "CERTIFICATE_VERIFY_FAILED"
+
+
+def test_min_versions_are_the_flags_choices() -> None:
+    from echod.config import OPTIONS
+
+    (option,) = [o for o in OPTIONS if o.name == "tls_min_version"]
+    assert option.choices == tuple(tls.MIN_VERSIONS)
