@@ -407,8 +407,8 @@ class Settings:
         metavar="HOST:PORT",
         shown="off",
     )
-    # TLS (echod/tls.py). SIGHUP reloads the files; the values are reloadable
-    # because the TLS context is rebuilt whole, from whatever they say then.
+    # TLS (echod/tls.py). Reloadable: the TLS context is rebuilt whole from
+    # them (TLSEndpoint.reload); SIGHUP does that with the values given at start.
     tls_cert: Path | None = option(
         "serve TLS only, with this PEM certificate (then any intermediates); needs --tls-key",
         None,

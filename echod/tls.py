@@ -284,15 +284,21 @@ class TLSEndpoint:
         self.handshake_timeout = handshake_timeout
         self.context, self.info = load(files)
 
-    def reload(self) -> CertInfo:
-        """Load the files again and swap the new context in.
+    def reload(
+        self, files: TLSFiles | None = None, handshake_timeout: float | None = None
+    ) -> CertInfo:
+        """Load the files again (or ``files``, new settings) and swap the new context in.
 
-        Raises :class:`TLSConfigError` and keeps the current context if
-        anything is wrong with the files.
+        Raises :class:`TLSConfigError` and keeps the current context, files
+        and timeout if anything is wrong with the files.
         """
-        context, info = load(self.files)
+        files = files or self.files
+        context, info = load(files)
         # Both in one assignment: a reader never sees a context with another's details.
         self.context, self.info = context, info
+        self.files = files
+        if handshake_timeout is not None:
+            self.handshake_timeout = handshake_timeout
         return info
 
     def session(self) -> TLSSession:

@@ -407,7 +407,23 @@ def test_client_certificate_from_another_ca_is_refused(
 
 
 def test_min_versions_are_the_flags_choices() -> None:
-    from echod.config import OPTIONS
+    from echod.config import OPTIONS, InvalidValue
 
     (option,) = [o for o in OPTIONS if o.name == "tls_min_version"]
-    assert option.choices == tuple(tls.MIN_VERSIONS)
+    assert option.kind is not None
+    for version in tls.MIN_VERSIONS:
+        option.kind.check(version)
+    with pytest.raises(InvalidValue):
+        option.kind.check("1.1")
+
+
+def test_reload_with_new_settings(kit: TLSKit) -> None:
+    endpoint = TLSEndpoint(files(kit), 1.0)
+    cert, key = kit.issue("localhost")
+    info = endpoint.reload(files(kit, cert=cert, key=key, min_version="1.3"), 2.5)
+    assert info.serial == serial_of(cert)
+    assert endpoint.context.minimum_version == ssl.TLSVersion.TLSv1_3
+    assert (endpoint.files.cert, endpoint.handshake_timeout) == (cert, 2.5)
+    with pytest.raises(TLSConfigError):
+        endpoint.reload(files(kit, cert=kit.dir / "missing.pem"), 9.0)
+    assert (endpoint.files.cert, endpoint.handshake_timeout) == (cert, 2.5)
