@@ -35,7 +35,10 @@ one place each.
 * :data:`LIST_FIELDS` declares the ``name=value`` fields of a ``/list``
   row, each a function of the client and the current monotonic time. A new
   per-client field (its TLS version, its PROXY source) is one row, plus the
-  attribute in :class:`Target`.
+  attribute in :class:`Target`; a field whose value is ``None`` is left out
+  of that row (``via=`` only after a PROXY header, ``tls=`` only on TLS
+  connections, ``cn=`` only with a client
+  certificate).
 
 Input: :class:`CommandLines` cuts the bytes of a terminal or a socket into
 lines, holding at most about twice ``--max-line`` bytes; a longer line is
@@ -89,6 +92,8 @@ class Target(Client, Protocol):
     via: str | None  # the proxy, when a PROXY header named the client
     started: float  # monotonic
     last_active: float  # monotonic
+    tls_version: str | None  # None: plain TCP, or the TLS handshake is not done
+    tls_cn: str | None  # the verified client certificate's common name
 
     def push(self, data: bytes, lines: int = 1) -> bool: ...
 
@@ -445,6 +450,9 @@ LIST_FIELDS: tuple[tuple[str, Callable[[Target, float], object]], ...] = (
     ("bytes_out", lambda c, now: c.bytes_out),
     ("lines_in", lambda c, now: c.lines_in),
     ("lines_out", lambda c, now: c.lines_out),
+    # TLS connections only; cn= only with a verified client certificate.
+    ("tls", lambda c, now: c.tls_version),
+    ("cn", lambda c, now: c.tls_cn),
 )
 
 # The lines of /stats after "OK stats", in order: name, and its value in one sample.
@@ -467,6 +475,8 @@ STATS: tuple[tuple[str, Callable[[StatsSample], object]], ...] = (
     # One line per refusal reason, also when 0, so a scraper sees every name.
     *((f"refused_{reason}", lambda s, r=reason: s.refused[r]) for reason in REASONS),
     ("source_groups", lambda s: s.source_groups),
+    ("tls", lambda s: "on" if s.settings.tls else "off"),
+    ("tls_handshake_failures", lambda s: s.stats.tls_handshake_failures),
 )
 
 

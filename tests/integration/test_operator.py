@@ -281,6 +281,8 @@ def test_stats_counters(
             "refused_proxy_untrusted": "0",
             "refused_proxy_header": "0",
             "source_groups": "0",
+            "tls": "off",
+            "tls_handshake_failures": "0",
         }
         assert float(stats["uptime"].removesuffix("s")) >= 0
     finally:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import trustme
 
+from echod.commands import Commands
 from tests.helpers import TIMEOUT, CapturedLogs, Client, RunningServer, wait_for
 from tests.tlskit import TLSClient, TLSKit, serial_of
 
@@ -112,9 +113,28 @@ def test_client_certificates(
     alice = kit.issue("alice", common_name="alice")
     client = TLSClient(port, context=kit.client_context(alice))
     assert client.roundtrip(b"alice here\n") == b"alice here\n"
-    (conn,) = srv.registry.snapshot()
-    assert (conn.tls_version, conn.tls_cn) == ("TLSv1.3", "alice")
+    commands = Commands(srv.registry, srv.settings, lambda: None)
+    head, row = commands.execute("/list").splitlines()
+    assert head == "OK 1 client"
+    assert row.endswith(" tls=TLSv1.3 cn=alice")
+    stats = commands.execute("/stats").splitlines()
+    assert "tls=on" in stats
+    assert "tls_handshake_failures=2" in stats
     client.close()
+
+
+def test_list_without_client_certificates_and_stats_without_tls(
+    make_server: MakeServer, kit: TLSKit
+) -> None:
+    srv = tls_server(make_server, kit)
+    client = TLSClient(srv.port, context=kit.client_context(max_version=ssl.TLSVersion.TLSv1_2))
+    assert client.roundtrip(b"hi\n") == b"hi\n"
+    _, row = Commands(srv.registry, srv.settings, lambda: None).execute("/list").splitlines()
+    assert row.endswith(" tls=TLSv1.2") and "cn=" not in row
+    client.close()
+    plain = make_server()
+    stats = Commands(plain.registry, plain.settings, lambda: None).execute("/stats").splitlines()
+    assert "tls=off" in stats and "tls_handshake_failures=0" in stats
 
 
 # -- handshakes that do not happen -----------------------------------------------------
