@@ -53,14 +53,18 @@ from __future__ import annotations
 
 import datetime
 import errno
+import functools
 import select
 import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from echod.errors import StartupError
+
+T = TypeVar("T")
 
 # --tls-min-version's values (config.py declares the option with these choices).
 MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
@@ -395,23 +399,28 @@ class TLSSession:
         return None
 
 
-def _send_all(sock: socket.socket, data: bytes, deadline: float, now: Callable[[], float]) -> None:
-    view = memoryview(data)
+def _when_ready(
+    sock: socket.socket,
+    events: int,
+    deadline: float,
+    now: Callable[[], float],
+    attempt: Callable[[], T],
+) -> T:
+    """``attempt()``, a non-blocking send or recv, once ``sock`` is ready, before ``deadline``."""
     poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    while view:
+    poller.register(sock, events)
+    while True:
         remaining = deadline - now()
         if remaining <= 0:
-            raise HandshakeFailed("timeout", "the client did not read the handshake")
-        if not poller.poll(remaining * 1000):
-            continue
-        try:
-            sent = sock.send(view, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            continue
-        except OSError as err:
-            raise HandshakeFailed("reset", err.strerror or str(err)) from None
-        view = view[sent:]
+            raise HandshakeFailed("timeout", "the handshake did not finish in time")
+        if poller.poll(remaining * 1000):
+            try:
+                return attempt()
+            except BlockingIOError:
+                pass  # woken, but not ready after all: wait again
+            except OSError as err:
+                error = "reset" if err.errno in (errno.ECONNRESET, errno.EPIPE) else "error"
+                raise HandshakeFailed(error, err.strerror or str(err)) from None
 
 
 def handshake(
@@ -427,12 +436,11 @@ def handshake(
     Every wait is a poll for what is left until the deadline, so the whole
     handshake, however the client paces it, ends by then. The last read may
     have brought application data too: call ``session.receive(b"")`` before
-    reading the socket again. Raises
-    :class:`HandshakeFailed`; an alert OpenSSL produced is sent first, best
-    effort, so the client learns why.
+    reading the socket again.
+
+    Raises :class:`HandshakeFailed`; an alert OpenSSL produced is sent
+    first, best effort, so the client learns why.
     """
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
     data = initial
     while True:
         try:
@@ -446,23 +454,13 @@ def handshake(
                     pass  # the client is gone or not reading: nothing to tell it
             name = err.reason or type(err).__name__
             raise HandshakeFailed(str(name), getattr(err, "verify_message", "") or "") from None
-        if out:
-            _send_all(sock, out, deadline, now)
+        view = memoryview(out)
+        while view:
+            send = functools.partial(sock.send, view, socket.MSG_DONTWAIT)
+            view = view[_when_ready(sock, select.POLLOUT, deadline, now, send) :]
         if done:
             return
-        data = b""
-        while not data:
-            remaining = deadline - now()
-            if remaining <= 0:
-                raise HandshakeFailed("timeout", "the handshake did not finish in time")
-            if not poller.poll(remaining * 1000):
-                continue
-            try:
-                data = sock.recv(HANDSHAKE_READ, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                continue
-            except OSError as err:
-                error = "reset" if err.errno in (errno.ECONNRESET, errno.EPIPE) else "error"
-                raise HandshakeFailed(error, err.strerror or str(err)) from None
-            if not data:
-                raise HandshakeFailed("eof", "the client closed during the handshake")
+        recv = functools.partial(sock.recv, HANDSHAKE_READ, socket.MSG_DONTWAIT)
+        data = _when_ready(sock, select.POLLIN, deadline, now, recv)
+        if not data:
+            raise HandshakeFailed("eof", "the client closed during the handshake")

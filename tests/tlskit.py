@@ -47,6 +47,16 @@ class TLSKit:
         leaf.private_key_pem.write_to_path(str(key))
         return cert, key
 
+    def client_hello(self) -> bytes:
+        """The bytes of a client's first flight (its ClientHello), from a fresh client."""
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = self.client_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+        try:
+            obj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass  # waiting for the ServerHello, as it should
+        return outgoing.read()
+
     def client_context(
         self, cert: tuple[Path, Path] | None = None, max_version: ssl.TLSVersion | None = None
     ) -> ssl.SSLContext:

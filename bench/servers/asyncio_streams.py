@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import ssl
 import sys
 
 
@@ -26,12 +27,14 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         writer.close()
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, context: ssl.SSLContext | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = await asyncio.start_server(handle, host, port, backlog=4096, limit=64 * 1024)
+    server = await asyncio.start_server(
+        handle, host, port, backlog=4096, limit=64 * 1024, ssl=context
+    )
     print(f"listening {server.sockets[0].getsockname()[1]}", flush=True)
     await stop.wait()
     server.close()

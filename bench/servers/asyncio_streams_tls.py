@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reference server: asyncio streams over TLS (``start_server(..., ssl=context)``).
 
-The same handler as asyncio_streams.py; asyncio terminates TLS with memory
+asyncio_streams.py's server, given a context; asyncio terminates TLS with memory
 BIOs in its event loop, as echod does in each handler thread, so the two
 are compared doing the same work. Needs ``--cert`` and ``--key``. Prints
 ``listening <port>`` once it accepts connections and exits on SIGTERM/SIGINT.
@@ -12,24 +12,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
 import ssl
 import sys
 
-from asyncio_streams import handle
-
-
-async def serve(host: str, port: int, context: ssl.SSLContext) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    server = await asyncio.start_server(
-        handle, host, port, backlog=4096, limit=64 * 1024, ssl=context
-    )
-    print(f"listening {server.sockets[0].getsockname()[1]}", flush=True)
-    await stop.wait()
-    server.close()
+from asyncio_streams import serve
 
 
 def main() -> int:
