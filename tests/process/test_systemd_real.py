@@ -30,6 +30,7 @@ import pytest
 
 from tests.process import nspawn
 from tests.process.nspawn import Machine, finish, readline
+from tests.tlskit import TLSKit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PORT = "7878"  # echod's default and echod.socket's ListenStream=
@@ -437,3 +438,47 @@ def test_upgrade_keeps_the_client_and_systemd_follows_the_new_pid(echod: Machine
     assert finish(client) == "Server shutting down\nEOF\n"
     state = _service(m)
     assert (state["ActiveState"], state["Result"]) == ("inactive", "success"), state
+def test_tls_with_load_credential(echod: Machine, tmp_path: Path) -> None:
+    """docs/deploy.md, "TLS": root-only key and certificate, the shipped drop-in.
+
+    The dynamic user cannot read /etc/echod/tls; LoadCredential= copies the
+    files into its credentials directory, where echod reads them.
+    """
+    m = echod
+    kit = TLSKit(tmp_path)
+    m.sh("install -d -m 0700 /etc/echod/tls")
+    m.write("/etc/echod/tls/cert.pem", kit.cert.read_text())
+    m.write("/etc/echod/tls/key.pem", kit.key.read_text())
+    m.sh(
+        "chmod 0600 /etc/echod/tls/cert.pem /etc/echod/tls/key.pem"
+        " && install -D -m 0644 /root/echod/systemd/echod-tls.conf"
+        f" {os.path.dirname(DROPIN)}/tls.conf"
+    )
+    m.run("systemctl", "daemon-reload")
+    m.run("systemctl", "start", "echod.service")
+    client = subprocess.run(
+        [
+            "nsenter",
+            f"--net=/proc/{m.pid1}/ns/net",
+            "--",
+            "openssl",
+            "s_client",
+            "-quiet",
+            "-verify_return_error",
+            "-CAfile",
+            str(kit.ca_file),
+            "-connect",
+            f"127.0.0.1:{PORT}",
+        ],
+        input=b"over tls\nexit\n",
+        capture_output=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert client.stdout == b"over tls\nbye\n", client.stderr.decode(errors="replace")
+    _wait("tls_loaded in the journal", lambda: _event_entry(_echod_lines(m), "tls_loaded"))
+    # The dynamic user itself cannot read the originals: the credentials are what it used.
+    denied = m.sh(
+        "setpriv --reuid=65534 --regid=65534 --clear-groups cat /etc/echod/tls/key.pem", check=False
+    )
+    assert denied.returncode != 0

@@ -6,8 +6,8 @@ command line it would run, ``%d`` expanded. That exact command is then run
 the way ``LoadCredential=`` with ``DynamicUser=`` lays things out: the
 credentials directory mode 0500 and the files 0400, owned by the
 unprivileged user echod runs as (here ``nobody``, via setpriv), while the
-originals stay root's. What this cannot check is systemd itself copying the
-files (that needs systemd as PID 1).
+originals stay root's. systemd itself copying the files, with systemd as
+PID 1, is tests/process/test_systemd_real.py::test_tls_with_load_credential.
 """
 
 from __future__ import annotations
