@@ -432,16 +432,27 @@ class TLSConnection(Connection):
     The socket stays a plain socket (see :mod:`echod.tls` for why): what is
     queued is already encrypted, and encrypting and queueing happen together
     under ``_tls_lock``, so records reach the queue in the order of their
-    sequence numbers whichever thread writes. Before the handshake is done
-    (and after close_notify) nothing can be encrypted, so pushes are dropped.
-    ``bytes_in`` and ``bytes_out`` count bytes on the wire, records included.
+    sequence numbers whichever thread writes. Lines pushed before the
+    handshake is done (a broadcast, a chat relay) wait in ``_early`` as
+    plaintext, at most :data:`MAX_QUEUED`, and are encrypted when it is;
+    after close_notify nothing can be sent. ``bytes_in`` and ``bytes_out``
+    count bytes on the wire, records included.
     """
 
-    __slots__ = ("_tls", "_tls_eof", "_tls_leftover", "_tls_lock", "tls_cn", "tls_version")
+    __slots__ = (
+        "_early",
+        "_tls",
+        "_tls_eof",
+        "_tls_leftover",
+        "_tls_lock",
+        "tls_cn",
+        "tls_version",
+    )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # as Connection's
         super().__init__(*args, **kwargs)
         self._tls: TLSSession | None = None
+        self._early: list[tuple[bytes, int]] | None = []  # None once established
         self._tls_lock = threading.Lock()
         self._tls_eof = False
         self._tls_leftover = False
@@ -453,14 +464,24 @@ class TLSConnection(Connection):
         self.tls_version = session.version
         self.tls_cn = session.peer_cn
         self._tls_leftover = True
-        self._tls = session
+        with self._tls_lock:
+            self._tls = session
+            early, self._early = self._early or [], None
+            for data, lines in early:
+                self._out.append((session.encrypt(data), lines))
+        if early:
+            self.flush()
 
     def _enqueue(self, data: bytes, lines: int) -> bool:
         with self._tls_lock:
             session = self._tls
-            if session is None:
-                return False
-            self._out.append((session.encrypt(data), lines))
+            if session is not None:
+                self._out.append((session.encrypt(data), lines))
+                return True
+            early = self._early
+            if early is None or len(early) >= MAX_QUEUED:
+                return False  # closed, or a handshake that lets lines pile up
+            early.append((data, lines))
         return True
 
     def send(self, data: bytes, lines: int) -> None:
@@ -526,7 +547,7 @@ class TLSConnection(Connection):
 
     def close_output(self, timeout: float) -> None:
         with self._tls_lock:
-            session, self._tls = self._tls, None
+            session, self._tls, self._early = self._tls, None, None
             if session is None:
                 return
             self._out.append((session.close(), 0))

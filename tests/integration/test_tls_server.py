@@ -253,3 +253,30 @@ def test_reload_new_connections_get_the_new_certificate(
     assert new.roundtrip(b"new\n") == b"new\n"
     old.close()
     new.close()
+
+
+def test_chat_relay_and_operator_push_are_encrypted(make_server: MakeServer, kit: TLSKit) -> None:
+    """Lines written by other threads (relays, operator messages) go through the client's TLS."""
+    srv = tls_server(make_server, kit, chat=True)
+    alice = TLSClient(srv.port, context=kit.client_context())
+    bob = TLSClient(srv.port, context=kit.client_context())
+    assert alice.roundtrip(b"hi bob\n") == b"hi bob\n"
+    wait_for(lambda: len(srv.registry) == 2, what="both registered")
+    assert bob.readline() == b"client 1: hi bob\n"
+    commands = Commands(srv.registry, srv.settings, lambda: None)
+    assert commands.execute("/broadcast maintenance") == "OK sent to 2 clients"
+    assert alice.readline() == bob.readline() == b"Server says: maintenance\n"
+    alice.close()
+    bob.close()
+
+
+def test_a_push_during_the_handshake_arrives_after_it(make_server: MakeServer, kit: TLSKit) -> None:
+    srv = tls_server(make_server, kit, tls_handshake_timeout=60.0)
+    client = TLSClient(srv.port, context=kit.client_context(), handshake=False)
+    wait_for(lambda: len(srv.registry) == 1, what="the client registered")
+    commands = Commands(srv.registry, srv.settings, lambda: None)
+    assert commands.execute("/broadcast early bird") == "OK sent to 1 client"
+    client.handshake()
+    assert client.readline() == b"Server says: early bird\n"
+    assert client.roundtrip(b"then echo\n") == b"then echo\n"
+    client.close()
