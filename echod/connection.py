@@ -49,13 +49,15 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from echod import protocol
 from echod.admission import Admitted
 from echod.handover import ClientState
 from echod.pause import Pause
-from echod.tls import TLSSession
+
+if TYPE_CHECKING:  # connection and tls sit side by side: no import at run time
+    from echod.tls import TLSSession
 
 MAX_QUEUED = 256  # lines waiting for a client that is not reading; then slow_reader
 
