@@ -207,9 +207,10 @@ class EchoHandler(socketserver.BaseRequestHandler):
 
         One deadline for the whole handshake (:func:`echod.tls.handshake`).
         A failure is logged as ``client_refused`` with ``reason=tls_handshake``
-        and OpenSSL's short name of the error, counted in the registry, and
-        ends the connection without a line (the client does not speak our
-        TLS: a plaintext ``ERR`` would mean nothing to it).
+        and OpenSSL's short name of the error (at most as often as the other
+        refusals, :class:`~echod.admission.BurstLog`), counted in the
+        registry, and ends the connection without a line (the client does not
+        speak our TLS: a plaintext ``ERR`` would mean nothing to it).
         """
         conn = self.request
         tls = self.server.tls
@@ -218,16 +219,20 @@ class EchoHandler(socketserver.BaseRequestHandler):
         try:
             handshake(session, conn.sock, _now() + tls.handshake_timeout, _now)
         except HandshakeFailed as failed:
+            server = self.server
             if conn.end(None, "tls_handshake"):  # False: ended meanwhile (shutdown, kick)
-                self.server.registry.tls_failed()
-                self.server.log.warning(
-                    "client_refused",
-                    reason="tls_handshake",
-                    error=failed.error,
-                    detail=failed.detail or None,
-                    client=conn.id,
-                    peer=conn.peer,
-                )
+                server.registry.tls_failed()
+                if server.refusal_log.should_log("tls_handshake"):  # a flood: bursts summarized
+                    extra: dict[str, Any] = {} if conn.via is None else {"via": conn.via}
+                    server.log.warning(
+                        "client_refused",
+                        reason="tls_handshake",
+                        error=failed.error,
+                        detail=failed.detail or None,
+                        client=conn.id,
+                        peer=conn.peer,
+                        **extra,
+                    )
             return
         conn.established(session)
 

@@ -90,13 +90,17 @@ class TLSClient:
         timeout: float = 10.0,
         context: ssl.SSLContext | None = None,
         handshake: bool = True,
+        sock: socket.socket | None = None,
     ) -> None:
+        """Connect to ``host``:``port``, or speak TLS over ``sock``, already connected."""
         if context is None:
             raise ValueError("TLSClient needs a client context (TLSKit.client_context())")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect((host, port))
+        if sock is None:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect((host, port))
+        self.sock = sock
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.obj = context.wrap_bio(self._in, self._out, server_hostname=host)
         self._lock = threading.Lock()

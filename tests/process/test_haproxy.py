@@ -21,6 +21,7 @@ import pytest
 from echod.proxy import NEED_DATA, Header, ProxyParser, Result
 from tests.haproxy import TIMEOUT, HAProxy, available
 from tests.helpers import ROOT, EchodProcess
+from tests.tlskit import TLSClient, TLSKit
 
 pytestmark = pytest.mark.skipif(not available(), reason="haproxy is not installed")
 
@@ -174,3 +175,35 @@ def test_echod_behind_haproxy(
     assert closed["via"].startswith("127.0.0.1:")
     for sock in (second, third, other):
         sock.close()
+
+
+def test_tls_behind_haproxy_send_proxy_v2(
+    make_haproxy: MakeHAProxy,
+    spawn_echod: Callable[..., EchodProcess],
+    ctl_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """HAProxy passes TLS through in TCP mode: its PROXY v2 header comes before the ClientHello."""
+    kit = TLSKit(tmp_path)
+    control = ctl_dir / "control.sock"
+    echod = spawn_echod(
+        "--control-socket",
+        str(control),
+        "--proxy-protocol",
+        "v2",
+        "--proxy-trusted",
+        "127.0.0.1/32",
+        "--tls-cert",
+        str(kit.cert),
+        "--tls-key",
+        str(kit.key),
+    )
+    proxy = make_haproxy(echod.port, "send-proxy-v2")
+    raw = proxy.connect("127.0.0.2")
+    port = raw.getsockname()[1]
+    client = TLSClient(0, context=kit.client_context(), sock=raw)
+    assert client.roundtrip(b"through haproxy, encrypted\n") == b"through haproxy, encrypted\n"
+    listed = ctl(control, "list")
+    assert f"addr=127.0.0.2:{port} via=127.0.0.1:" in listed, listed
+    assert "tls=TLSv1.3" in listed, listed
+    client.close()
