@@ -352,3 +352,25 @@ def test_a_bad_line_in_an_allow_file_names_the_file_and_line(tmp_path: Path) -> 
     )
     with pytest.raises(UsageError, match=r"cannot read .*missing: No such file"):
         parse("--allow-file", str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "sentence"),
+    [
+        (("--tls-cert", "/c.pem"), "--tls-cert and --tls-key go together: give both or neither"),
+        (("--tls-key", "/k.pem"), "--tls-cert and --tls-key go together: give both or neither"),
+        (("--tls-client-ca", "/ca.pem"), "--tls-client-ca needs --tls-cert and --tls-key"),
+        (("--tls-min-version", "1.1"), "argument --tls-min-version: invalid choice: '1.1'"),
+    ],
+)
+def test_tls_flags_that_do_not_go_together(argv: tuple[str, ...], sentence: str) -> None:
+    with pytest.raises(UsageError) as info:
+        parse(*argv)
+    assert str(info.value).startswith(sentence)
+
+
+def test_tls_flags() -> None:
+    s = parse("--tls-cert", "/c.pem", "--tls-key", "/k.pem", "--tls-min-version", "1.3")
+    assert (s.tls, s.tls_cert, s.tls_min_version) == (True, Path("/c.pem"), "1.3")
+    assert s.tls_handshake_timeout == 10.0
+    assert not parse().tls
