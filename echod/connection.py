@@ -368,6 +368,7 @@ class Connection:
         except ValueError:  # the new --max-line is shorter than the line it holds
             conn.end(protocol.line_too_long(max_line), "line_too_long")
         return conn
+
     # -- what TLS changes (TLSConnection) --------------------------------
     #
     # Called once per connection, never per line, so plain TCP's hot path

@@ -954,14 +954,19 @@ class EchoServer(socketserver.TCPServer):
         return gate
 
 
-def _tls_endpoint(settings: Settings) -> TLSEndpoint | None:
-    """The listener's TLS, or None; raises :class:`~echod.tls.TLSConfigError`."""
+def tls_files(settings: Settings) -> TLSFiles | None:
+    """What the TLS options say to load, or None with TLS off."""
     if settings.tls_cert is None or settings.tls_key is None:
         return None
-    files = TLSFiles(
+    return TLSFiles(
         settings.tls_cert, settings.tls_key, settings.tls_client_ca, settings.tls_min_version
     )
-    return TLSEndpoint(files, settings.tls_handshake_timeout)
+
+
+def _tls_endpoint(settings: Settings) -> TLSEndpoint | None:
+    """The listener's TLS, or None; raises :class:`~echod.tls.TLSConfigError`."""
+    files = tls_files(settings)
+    return None if files is None else TLSEndpoint(files, settings.tls_handshake_timeout)
 
 
 def _refuse(sock: socket.socket, line: bytes) -> None:

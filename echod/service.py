@@ -61,8 +61,8 @@ from echod.logs import LogFile, Logger, get_logger
 from echod.metrics import MetricsServer, metrics_registry
 from echod.registry import Registry
 from echod.reload import Commit, Outcome, Reloader, ReloadError
-from echod.server import EchoServer, peer_host
-from echod.tls import TLSConfigError
+from echod.server import EchoServer, peer_host, tls_files
+from echod.tls import CertInfo, TLSConfigError
 from echod.upgrade import Inherited, Launch
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -156,6 +156,7 @@ class Service:
         self.reloader.add(self._apply_logging)
         self.reloader.add(lambda old, new: lambda: self.server.apply(new))
         self.reloader.add(self._apply_max_clients)
+        self.reloader.add(self._apply_tls)
 
     @property
     def settings(self) -> Settings:
@@ -198,6 +199,33 @@ class Service:
                 conn.admitted = self.admission.adopt(normalize(peer_host(conn.peer)))
             conns.append(conn)
         self._gate = self.server.adopt(conns)
+
+    def _apply_tls(self, old: Settings, new: Settings) -> Commit | None:
+        """At every reload, load the TLS files anew (renewed under the same names, or new ones).
+
+        A file that does not load fails the whole reload (``tls_reload_failed``,
+        then ``config_reload_failed``); TLS cannot be turned on or off live.
+        """
+        tls = self.server.tls
+        files = tls_files(new)
+        if (tls is None) != (files is None):
+            raise ReloadError("turning TLS on or off needs a restart")
+        if tls is None or files is None:
+            return None
+        try:
+            prepared = tls.prepare(files)
+        except TLSConfigError as err:
+            self.log.error("tls_reload_failed", detail=str(err))
+            raise ReloadError(str(err)) from None
+
+        def commit() -> None:
+            tls.install(prepared, new.tls_handshake_timeout)
+            self._log_tls_reloaded(prepared.info)
+
+        return commit
+
+    def _log_tls_reloaded(self, info: CertInfo) -> None:
+        self.log.info("tls_reloaded", serial=info.serial_hex, not_after=info.not_after.isoformat())
 
     # -- operator interfaces ------------------------------------------------
 
@@ -405,7 +433,7 @@ class Service:
         except TLSConfigError as err:
             self.log.error("tls_reload_failed", detail=str(err))
             return
-        self.log.info("tls_reloaded", serial=info.serial_hex, not_after=info.not_after.isoformat())
+        self._log_tls_reloaded(info)
 
     def _on_sighup(self) -> None:
         """Reopen the log file (for logrotate), then reload the config file or the TLS files."""

@@ -275,6 +275,15 @@ def load(files: TLSFiles, now: datetime.datetime | None = None) -> tuple[ssl.SSL
     return context, info
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A loaded context waiting to be installed (a reload prepares, then commits)."""
+
+    files: TLSFiles
+    context: ssl.SSLContext
+    info: CertInfo
+
+
 class TLSEndpoint:
     """The listener's TLS: the current context, swapped whole on reload.
 
@@ -296,14 +305,22 @@ class TLSEndpoint:
         Raises :class:`TLSConfigError` and keeps the current context, files
         and timeout if anything is wrong with the files.
         """
-        files = files or self.files
+        prepared = self.prepare(files or self.files)
+        self.install(prepared, handshake_timeout)
+        return prepared.info
+
+    def prepare(self, files: TLSFiles) -> Prepared:
+        """A context for ``files``, not in use yet; raises :class:`TLSConfigError`."""
         context, info = load(files)
+        return Prepared(files, context, info)
+
+    def install(self, prepared: Prepared, handshake_timeout: float | None = None) -> None:
+        """Make ``prepared`` the context of every connection accepted from now on."""
         # Both in one assignment: a reader never sees a context with another's details.
-        self.context, self.info = context, info
-        self.files = files
+        self.context, self.info = prepared.context, prepared.info
+        self.files = prepared.files
         if handshake_timeout is not None:
             self.handshake_timeout = handshake_timeout
-        return info
 
     def session(self) -> TLSSession:
         return TLSSession(self.context)

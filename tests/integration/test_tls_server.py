@@ -113,7 +113,7 @@ def test_client_certificates(
     alice = kit.issue("alice", common_name="alice")
     client = TLSClient(port, context=kit.client_context(alice))
     assert client.roundtrip(b"alice here\n") == b"alice here\n"
-    commands = Commands(srv.registry, srv.settings, lambda: None)
+    commands = Commands(srv.registry, lambda: srv.settings, lambda: None)
     head, row = commands.execute("/list").splitlines()
     assert head == "OK 1 client"
     assert row.endswith(" tls=TLSv1.3 cn=alice")
@@ -129,11 +129,17 @@ def test_list_without_client_certificates_and_stats_without_tls(
     srv = tls_server(make_server, kit)
     client = TLSClient(srv.port, context=kit.client_context(max_version=ssl.TLSVersion.TLSv1_2))
     assert client.roundtrip(b"hi\n") == b"hi\n"
-    _, row = Commands(srv.registry, srv.settings, lambda: None).execute("/list").splitlines()
+    _, row = (
+        Commands(srv.registry, lambda: srv.settings, lambda: None).execute("/list").splitlines()
+    )
     assert row.endswith(" tls=TLSv1.2") and "cn=" not in row
     client.close()
     plain = make_server()
-    stats = Commands(plain.registry, plain.settings, lambda: None).execute("/stats").splitlines()
+    stats = (
+        Commands(plain.registry, lambda: plain.settings, lambda: None)
+        .execute("/stats")
+        .splitlines()
+    )
     assert "tls=off" in stats and "tls_handshake_failures=0" in stats
 
 
@@ -263,7 +269,7 @@ def test_chat_relay_and_operator_push_are_encrypted(make_server: MakeServer, kit
     assert alice.roundtrip(b"hi bob\n") == b"hi bob\n"
     wait_for(lambda: len(srv.registry) == 2, what="both registered")
     assert bob.readline() == b"client 1: hi bob\n"
-    commands = Commands(srv.registry, srv.settings, lambda: None)
+    commands = Commands(srv.registry, lambda: srv.settings, lambda: None)
     assert commands.execute("/broadcast maintenance") == "OK sent to 2 clients"
     assert alice.readline() == bob.readline() == b"Server says: maintenance\n"
     alice.close()
@@ -274,7 +280,7 @@ def test_a_push_during_the_handshake_arrives_after_it(make_server: MakeServer, k
     srv = tls_server(make_server, kit, tls_handshake_timeout=60.0)
     client = TLSClient(srv.port, context=kit.client_context(), handshake=False)
     wait_for(lambda: len(srv.registry) == 1, what="the client registered")
-    commands = Commands(srv.registry, srv.settings, lambda: None)
+    commands = Commands(srv.registry, lambda: srv.settings, lambda: None)
     assert commands.execute("/broadcast early bird") == "OK sent to 1 client"
     client.handshake()
     assert client.readline() == b"Server says: early bird\n"

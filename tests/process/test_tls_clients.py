@@ -210,3 +210,31 @@ def test_sighup_rotation(spawn_echod: Spawn, kit: TLSKit) -> None:
         client.close()
     echod.signal(signal.SIGTERM)
     assert echod.wait() == 0
+
+
+def test_config_reload_loads_new_tls_files(spawn_echod: Spawn, kit: TLSKit, tmp_path: Path) -> None:
+    """With --config, SIGHUP reloads the file, and the TLS applier loads the files it names."""
+    config = tmp_path / "echod.toml"
+    config.write_text(f'tls_cert = "{kit.cert}"\ntls_key = "{kit.key}"\n')
+    echod = spawn_echod("--config", str(config))
+    old = TLSClient(echod.port, context=kit.client_context())
+    assert old.roundtrip(b"before\n") == b"before\n"
+    new_cert, new_key = kit.issue("localhost", "127.0.0.1")
+    config.write_text(f'tls_cert = "{new_cert}"\ntls_key = "{new_key}"\n')  # new paths
+    echod.signal(signal.SIGHUP)
+    reloaded = echod.wait_event("config_reloaded")
+    assert set(reloaded["changed"]) == {"tls_cert", "tls_key"}
+    assert int(echod.wait_event("tls_reloaded")["serial"], 16) == serial_of(new_cert)
+    assert TLSClient(echod.port, context=kit.client_context()).peer_serial() == serial_of(new_cert)
+    assert old.roundtrip(b"old keeps echoing\n") == b"old keeps echoing\n"
+    # A key that does not fit: the whole reload fails, the current certificate stays.
+    _, stranger_key = kit.issue("localhost")
+    config.write_text(f'tls_cert = "{new_cert}"\ntls_key = "{stranger_key}"\n')
+    echod.signal(signal.SIGHUP)
+    assert "does not match" in echod.wait_event("tls_reload_failed")["detail"]
+    assert "does not match" in echod.wait_event("config_reload_failed")["detail"]
+    third = TLSClient(echod.port, context=kit.client_context())
+    assert third.peer_serial() == serial_of(new_cert)
+    assert third.roundtrip(b"still served\n") == b"still served\n"
+    for client in (old, third):
+        client.close()
