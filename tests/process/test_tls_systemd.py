@@ -84,7 +84,8 @@ def test_drop_in_verifies_and_its_command_serves_tls(tmp_path: Path, private_dir
     assert f"DropIn Path: {drop_in}" in output
     complaints = [line for line in output.splitlines() if "tls.conf:" in line]
     assert complaints == []
-    commands = re.findall(r"Command Line: (.*)", output)
+    # ExecStart= (the drop-in's) and ExecReload=: the one that starts echod with TLS.
+    commands = [c for c in re.findall(r"Command Line: (.*)", output) if "--tls-cert" in c]
     assert len(commands) == 1, output[-3000:]
     # systemd expands $ECHOD_OPTS (unset here) to nothing; its dump shows it quoted.
     argv = [arg for arg in shlex.split(commands[0]) if not arg.endswith("$ECHOD_OPTS")]
@@ -111,6 +112,11 @@ def test_drop_in_verifies_and_its_command_serves_tls(tmp_path: Path, private_dir
     creds.chmod(0o500)
     argv = [arg.replace(CREDENTIALS, str(creds)) for arg in argv]
     argv[argv.index("--control-socket") + 1] = "none"  # /run/echod is RuntimeDirectory=
+    if "--config" in argv:  # the unit's /etc/echod/echod.toml: an empty one here
+        empty = private_dir / "echod.toml"
+        empty.write_text("")
+        empty.chmod(0o644)
+        argv[argv.index("--config") + 1] = str(empty)
     setpriv = ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups"]
     echod = EchodProcess([*argv[1:], "--port", "0"], program=[*setpriv, argv[0]])
     try:
