@@ -418,7 +418,7 @@ class Settings:
         shown="—",
     )
     tls_key: Path | None = option(
-        "the unencrypted PEM key of --tls-cert; SIGHUP reloads both",
+        "the unencrypted PEM key of --tls-cert; a reload (SIGHUP) loads both anew",
         None,
         kind=PATH,
         metavar="PATH",
