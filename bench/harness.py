@@ -528,7 +528,8 @@ def warm_up(point: Point, server: Server, port: int, s: Settings, tag: str) -> l
     threads = proc_status(server.pid).get("threads", 0)
     results: list[Record] = []
     quick = replace(s, duration=s.prewarm, warmup=0.0)
-    for n, warm in enumerate((load_point(1, point.line_size), point)):
+    single = replace(load_point(1, point.line_size), tls=point.tls)
+    for n, warm in enumerate((single, point)):
         proc, reader = start_loadgen(
             loadgen_cmd(warm, port, quick), s, f"{tag}.prewarm{n}", subprocess.DEVNULL
         )
