@@ -198,9 +198,9 @@ class EchoHandler(socketserver.BaseRequestHandler):
         """
         if self.server.gated and not self.request.carried:
             self.server.admit(self.request, self.client_address)
-        if self.server.tls is not None and self.request.end_reason is None:
-            if not self.request.carried:
-                self.tls_handshake()
+        carried, tls = self.request.carried, self.server.tls
+        if tls is not None and self.request.end_reason is None and not carried:
+            self.tls_handshake()
 
     def tls_handshake(self) -> None:
         """Complete the TLS handshake within ``--tls-handshake-timeout``, or refuse the client.

@@ -438,6 +438,8 @@ def test_upgrade_keeps_the_client_and_systemd_follows_the_new_pid(echod: Machine
     assert finish(client) == "Server shutting down\nEOF\n"
     state = _service(m)
     assert (state["ActiveState"], state["Result"]) == ("inactive", "success"), state
+
+
 def test_tls_with_load_credential(echod: Machine, tmp_path: Path) -> None:
     """docs/deploy.md, "TLS": root-only key and certificate, the shipped drop-in.
 

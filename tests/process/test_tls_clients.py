@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.helpers import ROOT, TIMEOUT, EchodProcess
+from tests.helpers import ROOT, TIMEOUT, EchodProcess, ctl
 from tests.tlskit import TLSClient, TLSKit, serial_of
 
 Spawn = Callable[..., EchodProcess]
@@ -238,3 +238,19 @@ def test_config_reload_loads_new_tls_files(spawn_echod: Spawn, kit: TLSKit, tmp_
     assert third.roundtrip(b"still served\n") == b"still served\n"
     for client in (old, third):
         client.close()
+
+
+def test_upgrade_is_refused_with_tls_and_echod_serves_on(
+    spawn_echod: Spawn, kit: TLSKit, ctl_dir: Path
+) -> None:
+    """A TLS session cannot move to another process: echod ctl upgrade says so, nothing changes."""
+    control = ctl_dir / "control.sock"
+    echod = spawn_echod(*tls_args(kit, "--control-socket", str(control)))
+    client = TLSClient(echod.port, context=kit.client_context())
+    assert client.roundtrip(b"before\n") == b"before\n"
+    answer = ctl(control, "upgrade")
+    assert answer.returncode == 1, answer.stdout + answer.stderr
+    assert "TLS sessions cannot move to another process" in answer.stdout + answer.stderr
+    assert client.roundtrip(b"still here\n") == b"still here\n"
+    assert echod.proc.poll() is None
+    client.close()
