@@ -407,6 +407,7 @@ def loadgen_cmd(point: Point, port: int, s: Settings) -> list[str]:
 def start_loadgen(
     cmd: list[str], s: Settings, tag: str, stdin: int
 ) -> tuple[subprocess.Popen[bytes], LineReader]:
+    LOGS.mkdir(parents=True, exist_ok=True)  # callers may not have started a Server
     with open(LOGS / f"{tag}.loadgen.stderr", "wb") as err:
         proc = subprocess.Popen(
             cmd,

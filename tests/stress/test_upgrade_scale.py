@@ -206,6 +206,7 @@ def test_an_upgrade_under_load_loses_no_byte(tmp_path: Path, successors: set[int
     """loadgen at 100 connections checks every echoed line across the upgrade."""
     # A long window: starting the new Python takes seconds on a busy machine,
     # and the hand-over must fall inside the window to be measured.
+    upgrade_pause.harness.build_loadgen()  # a fresh clone has none (main() builds it too)
     record = upgrade_pause.measure(100, 12.0, True, tmp_path, "stress-upgrade-100c")
     print(f"\n{record}")
     assert record["handed_over"] >= 100
