@@ -141,8 +141,11 @@ class LineReader:
         fd = pipe.fileno()
 
         def pump() -> None:
-            while data := os.read(fd, 65536):
-                chunks.put(data)
+            try:
+                while data := os.read(fd, 65536):
+                    chunks.put(data)
+            except OSError:
+                pass  # the owner closed the pipe while we read: that is its end of input
             chunks.put(b"")
 
         threading.Thread(target=pump, daemon=True).start()
