@@ -15,12 +15,11 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
 
 from echod import __version__, ctl, daemonize, logs, pidfile, privileges, successor
-from echod.config import add_arguments, given_values, parse_path
+from echod.config import Parser, add_arguments, given_values, parse_path
 from echod.configfile import ConfigError, Source
-from echod.errors import EchodError, UsageError
+from echod.errors import EchodError
 from echod.service import Service
 from echod.upgrade import Launch
 
@@ -35,13 +34,6 @@ subcommands:
 
 Run 'echod SUBCOMMAND --help' for a subcommand's options.
 """
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr, not usage plus error."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def build_parser() -> Parser:

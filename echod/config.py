@@ -53,11 +53,23 @@ import os
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 from echod import admission, proxy
 from echod.admission import IPNetwork, Rate
 from echod.errors import UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr, not usage plus error.
+
+    Every command line of echod (the daemon, ``ctl``, ``status``/``stop``)
+    parses with it, so a mistake reads the same everywhere.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
 
 T = TypeVar("T")
 

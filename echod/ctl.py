@@ -38,11 +38,10 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
 
 from echod.commands import ENCODING, ERRORS, USAGE, decode, encode
-from echod.config import default_control_socket, parse_duration, parse_path
-from echod.errors import EchodError, UsageError
+from echod.config import Parser, default_control_socket, parse_duration, parse_path
+from echod.errors import EchodError
 
 CLIENT_TIMEOUT = 10.0  # how long to wait for the daemon to accept, then for each answer
 # The least wait for the answer to /upgrade: a new echod starts and takes every
@@ -51,11 +50,6 @@ UPGRADE_TIMEOUT = 120.0
 CONNECT_PAUSE = 0.01  # first pause before connecting again to a full listen queue
 CONNECT_PAUSE_MAX = 0.1  # the longest pause: a freed slot is taken within this
 PROMPT = "echod> "
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 class ControlClient:
@@ -183,7 +177,7 @@ Exit status: 0 on OK; 2 on bad usage, ours or the daemon's (ERR usage: ...);
 
 def ctl_main(argv: Sequence[str]) -> int:
     """``echod ctl COMMAND [ARGS]``: one command, its answer; exit as the module docstring says."""
-    parser = _Parser(
+    parser = Parser(
         prog="echod ctl",
         usage="%(prog)s [--control-socket PATH] [--timeout SECONDS] COMMAND [ARGS...]",
         description="Send one operator command to a running echod and print its answer.",
@@ -217,7 +211,7 @@ def ctl_main(argv: Sequence[str]) -> int:
 
 def console_main(argv: Sequence[str]) -> int:
     """``echod console``: an interactive session, one command a line, until end of input."""
-    parser = _Parser(
+    parser = Parser(
         prog="echod console",
         description="An interactive operator session on "
         "a running echod's control socket (Ctrl-D ends it).",

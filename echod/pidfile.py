@@ -26,7 +26,6 @@ never raises for what it finds, it reports it as a state.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import fcntl
@@ -38,10 +37,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
-from echod.config import default_pidfile, parse_duration, parse_path
-from echod.errors import StartupError, UsageError
+from echod.config import Parser, default_pidfile, parse_duration, parse_path
+from echod.errors import StartupError
 
 PIDFILE_MODE = 0o644
 DIR_MODE = 0o755  # directories echod creates for its pidfile and log file
@@ -291,13 +289,8 @@ def read_state(path: Path, grace: float = PID_GRACE_SECONDS) -> PidfileState:
 # -- echod status / echod stop -----------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see '{self.prog} --help')")
-
-
-def _parser(prog: str, description: str) -> _Parser:
-    parser = _Parser(prog=prog, description=description)
+def _parser(prog: str, description: str) -> Parser:
+    parser = Parser(prog=prog, description=description)
     parser.add_argument(
         "--pidfile",
         type=parse_path,
