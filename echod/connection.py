@@ -29,7 +29,9 @@ three methods that read, encrypt and close (``receiver``, ``_enqueue``,
 Ending. Any thread ends a connection the same way, with
 :meth:`Connection.end`: queue a last line, then ``shutdown()`` the socket,
 which wakes the handler; only the handler closes the socket, so a descriptor
-is never reused under it. The first reason wins (``end_reason``).
+is never reused under it. A line still queued at that moment (another thread
+was sending) keeps the writing side open: the handler sends it before its
+FIN. The first reason wins (``end_reason``).
 
 State. Everything a connection is lives in its ``__slots__``, grouped in
 :meth:`Connection.__init__` by who writes it: identity (``sock``, ``peer``,
@@ -312,9 +314,13 @@ class Connection:
                 raise Parked
             self.flush()
 
-    def send_last(self, data: bytes, timeout: float) -> None:
-        """The handler's final reply (bye, an error): queued even while ending."""
-        self._enqueue(data, 1)
+    def send_last(self, data: bytes | None, timeout: float) -> None:
+        """The handler's last output: what is queued, then ``data`` (bye, an error), if any.
+
+        Queued even while ending; waits at most ``timeout`` for the client to take it.
+        """
+        if data is not None:
+            self._enqueue(data, 1)
         self.flush()
         if self._out:
             self._wait_sent(_now() + timeout, ending=True)
@@ -411,19 +417,28 @@ class Connection:
     # -- ending ----------------------------------------------------------
 
     def end(self, last_line: bytes | None, reason: str) -> bool:
-        """End the connection from any thread: queue ``last_line``, then shut down.
+        """End the connection from any thread: queue ``last_line``, then wake the handler.
 
         The first reason wins; returns False if the connection was already
         being ended. The handler thread notices (its ``recv`` returns) and
-        closes the socket.
+        closes the socket (``EchoHandler._close``). If ``last_line`` is
+        still queued (another thread held the write lock just now and sends
+        it on release, or the client is slow to read), only the reading side
+        is shut, and the handler sends the queue before its FIN: shutting
+        the writing side here would lose the line. Otherwise, or for a
+        parked connection (it has no handler), both sides are shut now.
         """
         if self.end_reason is not None:
             return False
         self.end_reason = reason
+        how = socket.SHUT_RDWR
         if last_line is not None and self._enqueue(last_line, 1):
             self.flush()
+            # Read unlocked: emptied meanwhile means the line went out already.
+            if self._out and not self.parked:
+                how = socket.SHUT_RD
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(how)
         except OSError:
             pass  # already disconnected
         return True

@@ -377,8 +377,9 @@ class EchoHandler(socketserver.BaseRequestHandler):
         conn = self.request
         sock = conn.sock
         linger = min(conn.send_timeout, LINGER_SECONDS)
-        if final is not None:
-            conn.send_last(final, linger)
+        # What is still queued goes first: a last line from Connection.end (a
+        # kick, a timeout, shutdown) that another thread was about to send.
+        conn.send_last(final, linger)
         conn.close_output(linger)
         try:
             sock.shutdown(socket.SHUT_WR)

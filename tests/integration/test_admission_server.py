@@ -245,10 +245,11 @@ def test_line_rate_paced_client_is_still_kickable(
     c.send(b"a\nb\nc\nd\n")  # d is due 3 s from now
     assert c.readline() == b"a\n"
     (conn,) = srv.registry.snapshot()
-    conn.end(None, "kicked")
+    conn.end(b"Server says: bye\n", "kicked")
     # The kick ends the wait: the handler does not serve out the budget first.
-    # (No kick line here: Connection.end may lose it to a send in progress.)
-    assert b"d\n" not in c.read_all()
+    rest = c.read_all()
+    assert b"d\n" not in rest
+    assert rest.endswith(b"Server says: bye\n")
     closed = wait_for(lambda: captured_logs.named("connection_closed"))[0]
     assert closed["reason"] == "kicked"
     assert closed["lines_out"] < 4

@@ -99,3 +99,40 @@ def test_client_thread_ends_even_if_its_target_raises() -> None:
         sys.unraisablehook = hook
     assert not thread.is_alive()
     assert [type(e) for e in reported] == [ValueError]
+
+
+def test_a_last_line_queued_while_another_thread_sends_is_not_cut_off() -> None:
+    # A kick (or a timeout, or shutdown) ends the connection while another
+    # thread holds the write lock: end() can only queue its line, and the
+    # lock's holder sends it on release. end() must not shut the writing
+    # side meanwhile, or that send fails and the line is lost.
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        conn = Connection(ours, "peer", 1, send_timeout=1.0, max_line=64)
+        assert conn._wlock.acquire(False)  # another thread is sending
+        try:
+            assert conn.end(b"Server says: bye\n", "kicked")
+        finally:
+            conn._wlock.release()
+        conn.flush()  # what the holder does after its release (Connection.send)
+        theirs.settimeout(TIMEOUT)
+        assert theirs.recv(100) == b"Server says: bye\n"
+        # The reading side is shut: the handler's recv returns at once.
+        ours.settimeout(TIMEOUT)
+        assert ours.recv(100) == b""
+        assert conn.end_reason == "kicked"
+
+
+def test_a_parked_connection_is_shut_both_ways_when_ended() -> None:
+    # No handler is left to send the FIN for it, even with a line queued.
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        conn = Connection(ours, "peer", 1, send_timeout=1.0, max_line=64)
+        conn.parked = True
+        assert conn._wlock.acquire(False)
+        try:
+            assert conn.end(b"Server shutting down\n", "shutdown")
+        finally:
+            conn._wlock.release()
+        theirs.settimeout(TIMEOUT)
+        assert theirs.recv(100) == b""
