@@ -15,7 +15,14 @@ window, and reads ``/proc/<pid>/task/*`` at the window's start and end:
   the most busy of them used, and their voluntary and involuntary context
   switches (a voluntary switch is a sleep: in ``recv``, or waiting for the
   GIL; an involuntary one is the scheduler taking the CPU away);
+- the whole process's user and kernel CPU time per echoed line (the kernel
+  side is where thread-per-connection pays: a sleep and a wake-up per read);
 - loadgen's fairness figures for the same window.
+
+``--syscalls`` also counts, per echoed line, the server's system calls, its
+``futex`` calls (a thread waiting for or handing over the GIL) and its
+context switches during the window (``perf stat`` on tracepoints; needs
+``perf`` and permission to trace).
 
 ``--perf-sched`` also records the scheduler during the window (``perf sched
 record``; needs ``perf``, e.g. Debian's ``linux-perf``, and permission to
@@ -45,6 +52,12 @@ import harness  # bench/harness.py: the servers, points and load generator
 
 RESULTS = harness.OUT / "threads.json"
 PERF_DATA = harness.OUT / "perf-sched.data"
+# What --syscalls counts: every system call, the GIL's futex calls, and switches.
+SYSCALL_EVENTS = {
+    "raw_syscalls:sys_enter": "syscalls",
+    "syscalls:sys_enter_futex": "futex",
+    "context-switches": "switches",
+}
 
 
 def task_stats(pid: int) -> dict[int, dict[str, float]]:
@@ -77,6 +90,35 @@ def task_stats(pid: int) -> dict[int, dict[str, float]]:
             "involuntary": ctx["nonvoluntary_ctxt_switches"],
         }
     return out
+
+
+def process_times(pid: int) -> tuple[float, float]:
+    """User and kernel CPU seconds of the whole process (``stat``, in 10 ms ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def start_syscall_count(pid: int, seconds: float) -> subprocess.Popen[str]:
+    events = ",".join(SYSCALL_EVENTS)
+    return subprocess.Popen(
+        ["perf", "stat", "-x", ",", "-e", events, "-p", str(pid), "--", "sleep", str(seconds)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def syscall_counts(counter: subprocess.Popen[str], timeout: float) -> dict[str, int]:
+    """perf stat's CSV lines: count,unit,event,... ("<not counted>" when it could not)."""
+    _, err = counter.communicate(timeout=timeout)
+    counts: dict[str, int] = {}
+    for line in err.splitlines():
+        cols = line.split(",")
+        if len(cols) > 2 and cols[2] in SYSCALL_EVENTS and cols[0].isdigit():
+            counts[SYSCALL_EVENTS[cols[2]]] = int(cols[0])
+    return counts
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -123,7 +165,11 @@ def perf_sched_summary(pid: int) -> dict[str, Any]:
 
 
 def measure(
-    point: harness.Point, spec: harness.ServerSpec, s: harness.Settings, perf: bool
+    point: harness.Point,
+    spec: harness.ServerSpec,
+    s: harness.Settings,
+    perf: bool,
+    syscalls: bool,
 ) -> dict[str, Any]:
     tag = f"threads_{spec.name}_{point.id}"
     server = harness.Server(spec, s.server_cpu, tag)
@@ -139,9 +185,14 @@ def measure(
         deadline = time.monotonic() + s.connect_timeout + s.warmup + s.duration + s.grace + 10
         before: dict[int, dict[str, float]] = {}
         recorder: subprocess.Popen[bytes] | None = None
+        counter: subprocess.Popen[str] | None = None
+        times = (0.0, 0.0)
         while (line := reader.readline(deadline)) is not None:
             if line == "window-start":
                 before = task_stats(server.pid)
+                times = process_times(server.pid)
+                if syscalls:
+                    counter = start_syscall_count(server.pid, s.duration)
                 if perf:
                     recorder = subprocess.Popen(
                         [
@@ -159,8 +210,12 @@ def measure(
                     )
             elif line == "window-end":
                 after = task_stats(server.pid)
+                user, kernel = process_times(server.pid)
+                rec["user_s"], rec["kernel_s"] = user - times[0], kernel - times[1]
                 break
         rec["loadgen"] = harness.finish_loadgen(proc, reader, deadline)
+        if counter is not None:
+            rec["per_window"] = syscall_counts(counter, s.duration + 30)
         if recorder is not None:
             recorder.wait(timeout=s.duration + 30)
             rec["perf_sched"] = perf_sched_summary(server.pid)
@@ -196,6 +251,15 @@ def show(rec: dict[str, Any]) -> None:
         f"{lg['conn_lines_max']:,}, served none {lg['conns_starved']}, "
         f"Jain's index {lg['jain']:.3f}"
     )
+    lines = lg["messages"]
+    if lines and "user_s" in rec:
+        print(
+            f"  per line: user {rec['user_s'] / lines * 1e6:.2f} µs, "
+            f"kernel {rec['kernel_s'] / lines * 1e6:.2f} µs"
+            + "".join(
+                f", {name} {count / lines:.3f}" for name, count in rec.get("per_window", {}).items()
+            )
+        )
     for name, d in rec["service_threads"].items():
         print(
             f"  service thread {name}: {d['cpu_s']:.3f} s CPU, "
@@ -245,9 +309,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "was accepted",
     )
     ap.add_argument("--perf-sched", action="store_true", help="also record the scheduler")
+    ap.add_argument(
+        "--syscalls",
+        action="store_true",
+        help="also count system calls, futex calls and context switches per line",
+    )
     ap.add_argument("--echod-cmd", default=harness.DEFAULT_ECHOD_CMD)
     args = ap.parse_args(argv)
-    if args.perf_sched and shutil.which("perf") is None:
+    if (args.perf_sched or args.syscalls) and shutil.which("perf") is None:
         sys.exit("perf not found: install it (Debian: apt-get install linux-perf)")
     table = harness.server_table(args.echod_cmd)
     servers = harness.pick(args.servers, list(table), "servers")
@@ -270,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = []
     for point in points:
         for name in servers:
-            rec = measure(point, table[name], s, args.perf_sched)
+            rec = measure(point, table[name], s, args.perf_sched, args.syscalls)
             show(rec)
             records.append(rec)
     RESULTS.write_text(json.dumps(records, indent=1) + "\n")
