@@ -239,6 +239,36 @@ def test_kick_without_reason(
     assert session.ask("/list") == ["OK 0 clients"]
 
 
+def test_a_kick_line_queued_behind_unread_output_still_arrives(
+    make_operated: Callable[..., Operated], connect: Callable[..., Client]
+) -> None:
+    # The client has stopped reading for a moment: the server's lines to it
+    # wait in its queue, and the kick line joins them there. The handler
+    # sends the queue before its FIN, so the client, reading again, gets
+    # every line and then the kick's, within the handler's linger (1 s).
+    # (Ended with the socket shut both ways at once, it got only what the
+    # kernel buffers held.)
+    echod = make_operated(send_timeout=30.0)  # not a slow reader yet
+    session = Session(echod.path)
+    try:
+        c = connect(echod.port)
+        conn = echod.conn(c)
+        line = b"%1023d\n"
+        pushed = 0
+        # Until the kernel's buffers are full and lines queue (a few MB; not by
+        # a small SO_RCVBUF, which would make reading them crawl on loopback).
+        while not conn._out:
+            assert pushed < 100_000, "the server's socket never filled up"
+            assert conn.push(line % pushed)
+            pushed += 1
+        assert session.ask(f"/kick {conn.id} bye") == [f"OK kicked client {conn.id}"]
+        data = c.read_all()
+        expected = b"".join(line % i for i in range(pushed)) + b"Server says: bye\n"
+        assert data == expected
+    finally:
+        session.close()
+
+
 def test_stats_counters(
     make_operated: Callable[..., Operated], connect: Callable[..., Client]
 ) -> None:
