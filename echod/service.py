@@ -147,6 +147,7 @@ class Service:
         self._signals: list[int] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._closers: list[Callable[[], None]] = []
+        self._console: StdinConsole | None = None
         if systemd.notifying():
             self.registry.on_change = _notify_status
         self.metrics = self._open_metrics(inherited.metrics if inherited else None)
@@ -256,6 +257,7 @@ class Service:
     def _start_console(self) -> None:
         console = StdinConsole(self)
         console.start()
+        self._console = console
         self._closers.append(console.close)
 
     def close(self) -> None:
@@ -280,7 +282,11 @@ class Service:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum in STOP_SIGNALS and self._stop_reason is not None and self._stopping:
-            os._exit(1)  # second stop signal while stopping: the operator insists
+            # A second stop signal while stopping: the operator insists. The
+            # terminal first gets back the modes readline took (closing twice is harmless).
+            if self._console is not None:
+                self._console.close()
+            os._exit(1)
         self._signals.append(signum)
         try:
             os.write(self._wake_w, b"!")

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -57,13 +57,16 @@ CONTROLLING_TTY = (
 
 
 class Terminal:
-    """A command on a pseudo-terminal; ``screen`` is everything it has printed."""
+    """A command on a pseudo-terminal; ``screen`` is everything it has printed.
 
-    def __init__(self, *args: str) -> None:
+    ``program``: what runs with ``args`` (default: the installed ``echod``).
+    """
+
+    def __init__(self, *args: str, program: Sequence[str] = ()) -> None:
         assert ECHOD is not None
         master, slave = pty.openpty()
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", CONTROLLING_TTY, ECHOD, *args],
+            [sys.executable, "-c", CONTROLLING_TTY, *(program or [ECHOD]), *args],
             stdin=slave,
             stdout=slave,
             stderr=slave,
@@ -154,8 +157,8 @@ class Terminal:
 def terminal() -> Iterator[Callable[..., Terminal]]:
     opened: list[Terminal] = []
 
-    def open_terminal(*args: str) -> Terminal:
-        opened.append(Terminal(*args))
+    def open_terminal(*args: str, program: Sequence[str] = ()) -> Terminal:
+        opened.append(Terminal(*args, program=program))
         return opened[-1]
 
     yield open_terminal
@@ -243,6 +246,33 @@ def test_ctrl_c_stops_echod_and_gives_the_terminal_back(
     assert term.wait() == 0
     # readline had the terminal in its own mode when echod stopped; it is cooked again.
     lflag = term.lflag()
+    assert lflag & termios.ICANON and lflag & termios.ECHO
+
+
+# echod whose graceful stop takes a minute. In real life thousands of clients
+# make a stop slow; no kind of client holds it deterministically (each ends
+# within about a second), so the server's stop step itself is made to sleep.
+SLOW_STOP = (
+    "import sys, time, echod.server as s; stop = s.EchoServer.stop; "
+    "s.EchoServer.stop = lambda self, timeout: time.sleep(60) or stop(self, timeout); "
+    "from echod.cli import main; sys.exit(main())"
+)
+
+
+def test_a_second_ctrl_c_while_stopping_exits_and_gives_the_terminal_back(
+    terminal: Callable[..., Terminal],
+) -> None:
+    term = terminal(
+        *("--foreground", "--port", "0", "--control-socket", "none", "--log-format", "json"),
+        program=[sys.executable, "-c", SLOW_STOP],
+    )
+    term.expect(b'"event": "listening"')
+    term.wait_for_line_editing()
+    term.type(b"\x03")  # Ctrl-C: the graceful stop begins, and takes its time
+    term.expect(b'"event": "stopping"')
+    term.type(b"\x03")  # again: the operator insists
+    assert term.wait() == 1
+    lflag = term.lflag()  # readline's mode is gone: cooked, echoing
     assert lflag & termios.ICANON and lflag & termios.ECHO
 
 
