@@ -53,6 +53,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from echod.registry import Totals
+
 VERSION = 1
 # SCM_MAX_FD (include/net/scm.h) is 253 descriptors per sendmsg; stay below it.
 FDS_PER_MESSAGE = 250
@@ -104,11 +106,7 @@ class ServerState:
     control: int | None
     pidfile: int | None
     metrics: int | None
-    next_id: int
-    accepted: int
-    rejected: int
-    gone: list[int]  # lines_in, lines_out, bytes_in, bytes_out of clients already gone
-    uptime: float
+    totals: Totals  # sent flat, as the keys of the state itself
     socket_activated: bool
     clients: list[ClientState] = field(default_factory=list)
 
@@ -129,8 +127,15 @@ def _unb64(text: Any) -> bytes:
         raise HandoverError("malformed hand-over state: bad base64") from None
 
 
+def _counts(value: Any) -> dict[str, int]:
+    if not isinstance(value, dict):
+        raise TypeError("counts by reason are not an object")
+    return {str(k): int(v) for k, v in value.items()}
+
+
 def encode_state(state: ServerState) -> dict[str, Any]:
     out = asdict(state)
+    out.update(out.pop("totals"))
     out["clients"] = [
         {
             **asdict(c),
@@ -171,11 +176,20 @@ def decode_state(message: dict[str, Any], fd_count: int) -> ServerState:
             control=None if message.get("control") is None else int(message["control"]),
             pidfile=None if message.get("pidfile") is None else int(message["pidfile"]),
             metrics=None if message.get("metrics") is None else int(message["metrics"]),
-            next_id=int(message["next_id"]),
-            accepted=int(message["accepted"]),
-            rejected=int(message["rejected"]),
-            gone=[int(x) for x in message["gone"]][:4],
-            uptime=float(message["uptime"]),
+            totals=Totals(
+                next_id=int(message["next_id"]),
+                accepted=int(message["accepted"]),
+                rejected=int(message["rejected"]),
+                gone=[int(x) for x in message["gone"]][:4],
+                uptime=float(message["uptime"]),
+                # Not sent by an echod from before they were carried over.
+                refused=_counts(message.get("refused", {})),
+                closed=_counts(message.get("closed", {})),
+                durations=[int(x) for x in message.get("durations", [])],
+                duration_sum=float(message.get("duration_sum", 0.0)),
+                operator_messages=int(message.get("operator_messages", 0)),
+                tls_failures=int(message.get("tls_failures", 0)),
+            ),
             socket_activated=bool(message.get("socket_activated", False)),
             clients=clients,
         )
@@ -191,7 +205,7 @@ def decode_state(message: dict[str, Any], fd_count: int) -> ServerState:
     used = [i for i in indexes if i is not None]
     if any(not 0 <= i < fd_count for i in used) or len(set(used)) != len(used):
         raise HandoverError("malformed hand-over state: bad descriptor index")
-    if len(state.gone) != 4:
+    if len(state.totals.gone) != 4:
         raise HandoverError("malformed hand-over state: gone needs 4 counters")
     return state
 

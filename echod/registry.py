@@ -23,7 +23,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 # Upper bounds (seconds) of the connection-duration histogram: from a refused
@@ -60,6 +60,28 @@ class Stats:
     duration_sum: float
     operator_messages: int  # lines pushed to clients by /send and /broadcast
     tls_handshake_failures: int = 0
+
+
+@dataclass
+class Totals:
+    """The server-wide counters that outlive clients: what an upgrade carries over.
+
+    :meth:`Registry.counters` gives them and :meth:`Registry.restore` takes
+    them; the fields after ``uptime`` default to nothing counted, which is
+    what an echod from before they were carried sends.
+    """
+
+    next_id: int
+    accepted: int
+    rejected: int
+    gone: list[int]  # lines_in, lines_out, bytes_in, bytes_out of clients already gone
+    uptime: float
+    refused: dict[str, int] = field(default_factory=dict)
+    closed: dict[str, int] = field(default_factory=dict)
+    durations: list[int] = field(default_factory=list)  # as Stats.durations; [] = none
+    duration_sum: float = 0.0
+    operator_messages: int = 0
+    tls_failures: int = 0
 
 
 C = TypeVar("C", bound=Client)
@@ -107,25 +129,41 @@ class Registry(Generic[C]):
             self.on_change(count)
         return count
 
-    def restore(
-        self, next_id: int, accepted: int, rejected: int, gone: list[int], uptime: float
-    ) -> None:
-        """Go on with the counters of the echod this one replaces (an upgrade)."""
-        with self._lock:
-            self._next_id = max(self._next_id, next_id)
-            self._accepted, self._rejected = accepted, rejected
-            self._gone = list(gone)
-            self._started = time.monotonic() - uptime
+    def restore(self, totals: Totals) -> None:
+        """Go on with the counters of the echod this one replaces (an upgrade).
 
-    def counters(self) -> tuple[int, int, int, list[int], float]:
-        """What :meth:`restore` takes: next id, accepted, rejected, gone traffic, uptime."""
+        A duration histogram with other buckets than :data:`DURATION_BUCKETS`
+        (another version's) cannot be mapped onto these, so it is left out,
+        with its sum.
+        """
         with self._lock:
-            return (
-                self._next_id,
-                self._accepted,
-                self._rejected,
-                list(self._gone),
-                time.monotonic() - self._started,
+            self._next_id = max(self._next_id, totals.next_id)
+            self._accepted, self._rejected = totals.accepted, totals.rejected
+            self._gone = list(totals.gone)
+            self._started = time.monotonic() - totals.uptime
+            self._refused = Counter(totals.refused)
+            self._closed = Counter(totals.closed)
+            if len(totals.durations) == len(self._durations):
+                self._durations = list(totals.durations)
+                self._duration_sum = totals.duration_sum
+            self._operator_messages = totals.operator_messages
+            self._tls_failures = totals.tls_failures
+
+    def counters(self) -> Totals:
+        """What :meth:`restore` takes."""
+        with self._lock:
+            return Totals(
+                next_id=self._next_id,
+                accepted=self._accepted,
+                rejected=self._rejected,
+                gone=list(self._gone),
+                uptime=time.monotonic() - self._started,
+                refused=dict(self._refused),
+                closed=dict(self._closed),
+                durations=list(self._durations),
+                duration_sum=self._duration_sum,
+                operator_messages=self._operator_messages,
+                tls_failures=self._tls_failures,
             )
 
     def remove(self, client: C, refused: bool = False) -> None:

@@ -187,9 +187,7 @@ class Service:
 
     def _adopt(self, inherited: Inherited) -> None:
         state = inherited.state
-        self.registry.restore(
-            state.next_id, state.accepted, state.rejected, state.gone, state.uptime
-        )
+        self.registry.restore(state.totals)
         now, s = time.monotonic(), self.settings
         conns = []
         for c in state.clients:

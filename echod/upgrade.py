@@ -268,18 +268,13 @@ def server_state(
     for conn in parked:
         clients.append(conn.state(len(fds), now))
         fds.append(conn.sock.fileno())
-    next_id, accepted, rejected, gone, uptime = registry.counters()
     state = ServerState(
         pid=os.getpid(),
         listener=0,
         control=control_at,
         pidfile=pidfile_at,
         metrics=metrics_at,
-        next_id=next_id,
-        accepted=accepted,
-        rejected=rejected,
-        gone=gone,
-        uptime=uptime,
+        totals=registry.counters(),
         socket_activated=socket_activated,
         clients=clients,
     )

@@ -28,9 +28,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from echod.config import Settings
 from echod.connection import Connection
@@ -298,6 +301,28 @@ def roundtrip_once(port: int, line: bytes = b"ping\n") -> bytes:
         return client.roundtrip(line)
     finally:
         client.close()
+
+
+# -- the metrics endpoint ----------------------------------------------------------
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int) -> tuple[str, Samples]:
+    """GET /metrics; the text and its samples, parsed as a Prometheus server reads them."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT) as answer:
+        assert answer.status == 200
+        assert answer.headers["Content-Type"].startswith("text/plain")
+        text = answer.read().decode()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[s.name, tuple(sorted(s.labels.items()))] = s.value
+    return text, samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[name, tuple(sorted(labels.items()))]
 
 
 # -- making echod stall ------------------------------------------------------------

@@ -9,35 +9,24 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from echod import __version__
-from tests.helpers import TIMEOUT, Client, EchodProcess, ctl, echod_command, roundtrip_once
+from tests.helpers import (
+    TIMEOUT,
+    Client,
+    EchodProcess,
+    ctl,
+    echod_command,
+    roundtrip_once,
+    scrape,
+    value,
+)
 
 pytestmark = pytest.mark.timeout(60)
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(port: int) -> tuple[str, Samples]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT) as answer:
-        assert answer.status == 200
-        assert answer.headers["Content-Type"].startswith("text/plain")
-        text = answer.read().decode()
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples[s.name, tuple(sorted(s.labels.items()))] = s.value
-    return text, samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[name, tuple(sorted(labels.items()))]
 
 
 def ok(done: subprocess.CompletedProcess[str]) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from echod.pidfile import is_alive
-from tests.helpers import ROOT, TIMEOUT, Client, EchodProcess, wait_for
+from tests.helpers import ROOT, TIMEOUT, Client, EchodProcess, Samples, scrape, value, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -265,6 +265,38 @@ def test_two_upgrades_in_a_row_and_sigusr2(upgrades: Upgrades) -> None:
     assert "total_accepted=10" in stats and "lines_in=40" in stats, stats
     assert ctl(upgrades.sock, "shutdown").status == 0
     wait_for(lambda: not is_alive(third), timeout=30)
+
+
+def test_refusal_close_and_duration_counters_carry_over(upgrades: Upgrades) -> None:
+    # The Prometheus counters of connections that ended before the upgrade.
+    old = upgrades.start("--metrics-listen", "127.0.0.1:0", "--deny", "127.0.0.9")
+    port = int(old.wait_event("metrics_listening")["port"])
+    for _ in range(3):
+        c = Client(old.port)
+        c.send(b"exit\n")
+        assert c.readline() == b"bye\n"
+        c.close()
+    denied = Client(old.port, source="127.0.0.9")
+    assert denied.readline() == b"ERR access denied\n"
+    denied.close()
+    held = Client(old.port)
+    assert held.roundtrip(b"held\n") == b"held\n"
+
+    def ended(samples: Samples) -> tuple[float, ...]:
+        return (
+            value(samples, "echod_connections_closed_total", reason="exit"),
+            value(samples, "echod_connections_refused_total", reason="access_denied"),
+            value(samples, "echod_connection_duration_seconds_count"),
+            value(samples, "echod_connections_accepted_total"),
+        )
+
+    wait_for(lambda: ended(scrape(port)[1]) == (3, 1, 3, 4), what="the counts before")
+    upgrades.upgrade()
+    assert held.roundtrip(b"still\n") == b"still\n"  # served by the successor now
+    assert ended(scrape(port)[1]) == (3, 1, 3, 4)  # the same port, the successor's counts
+    held.send(b"exit\n")
+    assert held.readline() == b"bye\n"
+    wait_for(lambda: ended(scrape(port)[1]) == (4, 1, 4, 4), what="the successor counting on")
 
 
 def test_detached_upgrade_then_status_and_stop(upgrades: Upgrades, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from echod import handover
 from echod.handover import Channel, ClientState, HandoverError, ServerState
+from echod.registry import DURATION_BUCKETS, Totals
 
 
 @pytest.fixture
@@ -44,11 +45,19 @@ def _state(clients: list[ClientState], fds: int) -> ServerState:
         control=1,
         pidfile=None,
         metrics=None,
-        next_id=max((c.id for c in clients), default=0) + 1,
-        accepted=len(clients) + 7,
-        rejected=3,
-        gone=[10, 11, 12, 13],
-        uptime=99.5,
+        totals=Totals(
+            next_id=max((c.id for c in clients), default=0) + 1,
+            accepted=len(clients) + 7,
+            rejected=3,
+            gone=[10, 11, 12, 13],
+            uptime=99.5,
+            refused={"server_full": 2, "denied": 1},
+            closed={"exit": 5, "eof": 2},
+            durations=[1, 2, 0, 0, 4] + [0] * (len(DURATION_BUCKETS) - 4),
+            duration_sum=321.5,
+            operator_messages=9,
+            tls_failures=1,
+        ),
         socket_activated=False,
         clients=clients,
     )
@@ -96,6 +105,25 @@ def test_state_and_many_descriptors_round_trip(pair: tuple[Channel, Channel]) ->
             handover.close_fds(received)
     finally:
         handover.close_fds(fds)
+
+
+def test_a_state_without_the_later_counters_is_taken_with_none_counted() -> None:
+    # What an echod from before refusals, closes and durations were carried sends.
+    message = handover.encode_state(_state([], 2))
+    for key in ("refused", "closed", "durations", "duration_sum", "operator_messages"):
+        del message[key]
+    del message["tls_failures"]
+    totals = handover.decode_state(message, 2).totals
+    assert (totals.accepted, totals.gone) == (7, [10, 11, 12, 13])
+    assert (totals.refused, totals.closed, totals.durations) == ({}, {}, [])
+    assert (totals.duration_sum, totals.operator_messages, totals.tls_failures) == (0.0, 0, 0)
+
+
+def test_counts_by_reason_must_be_an_object_of_numbers() -> None:
+    message = handover.encode_state(_state([], 2))
+    for bad in ([["exit", 1]], {"exit": "many"}):
+        with pytest.raises(HandoverError, match="malformed hand-over state"):
+            handover.decode_state({**message, "closed": bad}, 2)
 
 
 def test_version_mismatch_is_refused(pair: tuple[Channel, Channel]) -> None:

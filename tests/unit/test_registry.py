@@ -139,6 +139,41 @@ def test_refusals_closes_and_durations_are_counted_by_reason() -> None:
     assert s.operator_messages == 4
 
 
+def test_counters_carry_over_to_another_registry() -> None:
+    # An upgrade: the successor's registry goes on from the old one's counters.
+    old: Registry[Rec] = Registry()
+    old.reject("server_full")
+    rec = new(old, lines_in=3, bytes_in=30)
+    rec.started, rec.end_reason = time.monotonic() - 30.0, "exit"
+    old.remove(rec)
+    old.count_operator_messages(2)
+    old.tls_failed()
+    live = new(old)
+    successor: Registry[Rec] = Registry()
+    totals = old.counters()
+    successor.restore(totals)
+    successor.add(live, notify=False)
+    a, b = old.stats(), successor.stats()
+    assert b.refused == a.refused == {"server_full": 1}
+    assert b.closed == a.closed == {"exit": 1}
+    assert b.durations == a.durations and b.duration_sum == a.duration_sum
+    assert (b.operator_messages, b.tls_handshake_failures) == (2, 1)
+    assert (b.total_accepted, b.rejected, b.lines_in, b.bytes_in) == (2, 1, 3, 30)
+    assert b.uptime >= totals.uptime  # goes on from the old one's
+    assert successor.next_id() == old.next_id()
+
+
+def test_a_histogram_with_other_buckets_is_not_carried_over() -> None:
+    reg: Registry[Rec] = Registry()
+    totals = reg.counters()
+    totals.durations, totals.duration_sum = [1] * (len(DURATION_BUCKETS) + 3), 9.0
+    totals.closed = {"eof": 1}
+    reg.restore(totals)
+    s = reg.stats()
+    assert sum(s.durations) == 0 and s.duration_sum == 0.0  # not mapped onto these buckets
+    assert s.closed == {"eof": 1}
+
+
 def test_uptime_grows() -> None:
     reg: Registry[Rec] = Registry()
     first = reg.stats().uptime
