@@ -358,6 +358,16 @@ class Admission:
             self.refused[reason] += 1
         return Refused(reason, refusal_line(reason, policy.max_per_source))
 
+    def restore_refused(self, counts: dict[str, int]) -> None:
+        """Go on with the refusal counts of the echod this one replaces (an upgrade).
+
+        Reasons this version does not know are left out.
+        """
+        with self._lock:
+            for reason, count in counts.items():
+                if reason in self.refused:
+                    self.refused[reason] = count
+
     def adopt(self, address: IPAddress) -> Admitted:
         """Count a client another echod admitted and handed over (an upgrade).
 

@@ -109,6 +109,7 @@ class ServerState:
     totals: Totals  # sent flat, as the keys of the state itself
     socket_activated: bool
     clients: list[ClientState] = field(default_factory=list)
+    admission_refused: dict[str, int] = field(default_factory=dict)  # for /stats
 
 
 # -- encoding -------------------------------------------------------------------
@@ -192,6 +193,7 @@ def decode_state(message: dict[str, Any], fd_count: int) -> ServerState:
             ),
             socket_activated=bool(message.get("socket_activated", False)),
             clients=clients,
+            admission_refused=_counts(message.get("admission_refused", {})),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise HandoverError(f"malformed hand-over state: {err}") from None

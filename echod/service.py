@@ -188,6 +188,7 @@ class Service:
     def _adopt(self, inherited: Inherited) -> None:
         state = inherited.state
         self.registry.restore(state.totals)
+        self.admission.restore_refused(state.admission_refused)
         now, s = time.monotonic(), self.settings
         conns = []
         for c in state.clients:

@@ -277,6 +277,7 @@ def server_state(
         totals=registry.counters(),
         socket_activated=socket_activated,
         clients=clients,
+        admission_refused=dict(server.admission.refused),
     )
     return state, fds
 

@@ -268,7 +268,7 @@ def test_two_upgrades_in_a_row_and_sigusr2(upgrades: Upgrades) -> None:
 
 
 def test_refusal_close_and_duration_counters_carry_over(upgrades: Upgrades) -> None:
-    # The Prometheus counters of connections that ended before the upgrade.
+    # The counters of connections that ended before the upgrade: metrics and /stats.
     old = upgrades.start("--metrics-listen", "127.0.0.1:0", "--deny", "127.0.0.9")
     port = int(old.wait_event("metrics_listening")["port"])
     for _ in range(3):
@@ -294,6 +294,7 @@ def test_refusal_close_and_duration_counters_carry_over(upgrades: Upgrades) -> N
     upgrades.upgrade()
     assert held.roundtrip(b"still\n") == b"still\n"  # served by the successor now
     assert ended(scrape(port)[1]) == (3, 1, 3, 4)  # the same port, the successor's counts
+    assert "refused_access_denied=1\n" in ctl(upgrades.sock, "stats").out
     held.send(b"exit\n")
     assert held.readline() == b"bye\n"
     wait_for(lambda: ended(scrape(port)[1]) == (4, 1, 4, 4), what="the successor counting on")

@@ -385,3 +385,11 @@ def test_set_policy_applies_to_the_next_connect_and_keeps_what_is_held() -> None
     assert isinstance(adm.admit(ip("127.0.0.2")), Admitted)
     adm.set_policy(Policy())  # everything off: nothing tracked, everyone served
     assert all(isinstance(adm.admit(ip("127.0.0.2")), Admitted) for _ in range(10))
+
+
+def test_refusal_counts_carry_over_and_go_on() -> None:
+    # An upgrade: the successor starts from the old echod's counts.
+    adm = Admission(Policy(deny=(parse_entry("127.0.0.9"),)))
+    adm.restore_refused({"access_denied": 3, "per_source": 1, "from_a_later_version": 5})
+    assert isinstance(adm.admit(normalize("127.0.0.9")), Refused)
+    assert adm.refused == {**dict.fromkeys(REASONS, 0), "access_denied": 4, "per_source": 1}

@@ -60,6 +60,7 @@ def _state(clients: list[ClientState], fds: int) -> ServerState:
         ),
         socket_activated=False,
         clients=clients,
+        admission_refused={"access_denied": 4},
     )
 
 
@@ -112,8 +113,10 @@ def test_a_state_without_the_later_counters_is_taken_with_none_counted() -> None
     message = handover.encode_state(_state([], 2))
     for key in ("refused", "closed", "durations", "duration_sum", "operator_messages"):
         del message[key]
-    del message["tls_failures"]
-    totals = handover.decode_state(message, 2).totals
+    del message["tls_failures"], message["admission_refused"]
+    state = handover.decode_state(message, 2)
+    assert state.admission_refused == {}
+    totals = state.totals
     assert (totals.accepted, totals.gone) == (7, [10, 11, 12, 13])
     assert (totals.refused, totals.closed, totals.durations) == ({}, {}, [])
     assert (totals.duration_sum, totals.operator_messages, totals.tls_failures) == (0.0, 0, 0)
