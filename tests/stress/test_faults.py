@@ -66,9 +66,13 @@ def test_out_of_descriptors_backs_off_and_recovers(echod: Callable[..., Harness]
         # Exhausted, with clients still queued: the accept loop must sleep, not spin.
         # An operator waits on the control socket meanwhile: its accept loop
         # fails the same way, backs off every 0.5 s and must log once, not on
-        # every retry (four in these 2 s).
-        with socket.socket(socket.AF_UNIX) as operator:
+        # every retry (four in these 2 s). Two operators: the accept loop's
+        # reserve descriptor is closed for a moment at each of its pauses, and
+        # a control accept that lands in that moment succeeds (seen once in
+        # about 40 runs); the second operator's accept then fails.
+        with socket.socket(socket.AF_UNIX) as operator, socket.socket(socket.AF_UNIX) as other:
             operator.connect(srv.ctl)
+            other.connect(srv.ctl)
             srv.wait_count("control_accept_failed", 1, timeout=5)
             share = cpu_share(srv.pid, 2.0)
             swarm.pump(0.1)
