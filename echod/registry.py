@@ -152,19 +152,23 @@ class Registry(Generic[C]):
     def counters(self) -> Totals:
         """What :meth:`restore` takes."""
         with self._lock:
-            return Totals(
-                next_id=self._next_id,
-                accepted=self._accepted,
-                rejected=self._rejected,
-                gone=list(self._gone),
-                uptime=time.monotonic() - self._started,
-                refused=dict(self._refused),
-                closed=dict(self._closed),
-                durations=list(self._durations),
-                duration_sum=self._duration_sum,
-                operator_messages=self._operator_messages,
-                tls_failures=self._tls_failures,
-            )
+            return self._totals()
+
+    def _totals(self) -> Totals:
+        """A copy of the counters; under the lock."""
+        return Totals(
+            next_id=self._next_id,
+            accepted=self._accepted,
+            rejected=self._rejected,
+            gone=list(self._gone),
+            uptime=time.monotonic() - self._started,
+            refused=dict(self._refused),
+            closed=dict(self._closed),
+            durations=list(self._durations),
+            duration_sum=self._duration_sum,
+            operator_messages=self._operator_messages,
+            tls_failures=self._tls_failures,
+        )
 
     def remove(self, client: C, refused: bool = False) -> None:
         """Unregister a client that ended; ``refused``: it was never served (a rejection).
@@ -225,12 +229,8 @@ class Registry(Generic[C]):
     def stats(self) -> Stats:
         with self._lock:
             live = list(self._clients.values())
-            lines_in, lines_out, bytes_in, bytes_out = self._gone
-            accepted, rejected = self._accepted, self._rejected
-            refused, closed = dict(self._refused), dict(self._closed)
-            durations, duration_sum = tuple(self._durations), self._duration_sum
-            operator_messages = self._operator_messages
-            tls_failures = self._tls_failures
+            t = self._totals()
+        lines_in, lines_out, bytes_in, bytes_out = t.gone
         for c in live:
             lines_in += c.lines_in
             lines_out += c.lines_out
@@ -238,17 +238,17 @@ class Registry(Generic[C]):
             bytes_out += c.bytes_out
         return Stats(
             connected=len(live),
-            total_accepted=accepted,
-            rejected=rejected,
+            total_accepted=t.accepted,
+            rejected=t.rejected,
             lines_in=lines_in,
             lines_out=lines_out,
             bytes_in=bytes_in,
             bytes_out=bytes_out,
-            uptime=time.monotonic() - self._started,
-            refused=refused,
-            closed=closed,
-            durations=durations,
-            duration_sum=duration_sum,
-            operator_messages=operator_messages,
-            tls_handshake_failures=tls_failures,
+            uptime=t.uptime,
+            refused=t.refused,
+            closed=t.closed,
+            durations=tuple(t.durations),
+            duration_sum=t.duration_sum,
+            operator_messages=t.operator_messages,
+            tls_handshake_failures=t.tls_failures,
         )
