@@ -92,14 +92,6 @@ def task_stats(pid: int) -> dict[int, dict[str, float]]:
     return out
 
 
-def process_times(pid: int) -> tuple[float, float]:
-    """User and kernel CPU seconds of the whole process (``stat``, in 10 ms ticks)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
-
-
 def start_syscall_count(pid: int, seconds: float) -> subprocess.Popen[str]:
     events = ",".join(SYSCALL_EVENTS)
     return subprocess.Popen(
@@ -190,7 +182,7 @@ def measure(
         while (line := reader.readline(deadline)) is not None:
             if line == "window-start":
                 before = task_stats(server.pid)
-                times = process_times(server.pid)
+                times = harness.proc_times(server.pid)
                 if syscalls:
                     counter = start_syscall_count(server.pid, s.duration)
                 if perf:
@@ -210,7 +202,7 @@ def measure(
                     )
             elif line == "window-end":
                 after = task_stats(server.pid)
-                user, kernel = process_times(server.pid)
+                user, kernel = harness.proc_times(server.pid)
                 rec["user_s"], rec["kernel_s"] = user - times[0], kernel - times[1]
                 break
         rec["loadgen"] = harness.finish_loadgen(proc, reader, deadline)
