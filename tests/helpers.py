@@ -456,7 +456,11 @@ class EchodProcess:
         self.raw_stderr: list[str] = []
         assert self.proc.stderr is not None
         self._stderr = LineReader.of_pipe(self.proc.stderr)
-        self.listening = self.wait_event(ready_event)
+        try:
+            self.listening = self.wait_event(ready_event)
+        except BaseException:  # nobody holds this object to stop it: end the process here
+            self.stop()
+            raise
         self.port: int = int(self.listening.get("port", 0))
 
     def _take(self, timeout: float) -> bool:
